@@ -1,0 +1,1 @@
+"""The HDF5 feature cache: reading (and, later, the content-addressed store)."""

@@ -1,0 +1,1 @@
+"""Stage 1: datasets, backbones and the streaming feature extractor."""

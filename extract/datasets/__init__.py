@@ -1,0 +1,1 @@
+"""Image dataset adapters; each returns an ImageDataset."""

@@ -1,0 +1,120 @@
+"""The one in-memory description of a ZSL image dataset that every adapter returns.
+
+Row order is the cache's row order: `image_paths[i]`, `labels[i]` and every `*_loc` index refer to
+the same row i of `feature_map` in the HDF5 cache (SPEC.md §2.4).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+REQUIRED_SPLITS = ("trainval_loc", "test_seen_loc", "test_unseen_loc")
+OPTIONAL_SPLITS = ("train_loc", "val_loc")
+
+
+class DatasetError(ValueError):
+    """Bad dataset input; the message names the file and the problem."""
+
+
+@dataclass
+class ImageDataset:
+    name: str                      # "CUB", "SUN", "AWA2", "APY", "FLO", "CUB100", "demo"
+    root: Path                     # image_paths are relative to this folder
+    image_paths: list[str]         # N relative paths, cache row order
+    labels: np.ndarray             # (N,) int64, 0-based index into the class axis of `att`
+    class_names: list[str]         # C names, in `att` class order (never sorted)
+    att: np.ndarray                # (C, A) float32, as stored in the cache (xlsa17 `att` transposed)
+    original_att: np.ndarray       # (C, A) float32, raw values (AWA: -1 = missing)
+    w2v_att: np.ndarray | None     # (A, D) float32 attribute word vectors; None = learn V from random init
+    splits: dict[str, np.ndarray]  # REQUIRED_SPLITS (+ OPTIONAL_SPLITS), 0-based int64 row indices
+    attribute_names: list[str] | None = None
+    boxes: np.ndarray | None = None   # (N, 4) float32 x0, y0, x1, y1 in image pixels (demo only)
+    source: dict = field(default_factory=dict)  # where it came from, for the manifest (paths, options)
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        self.att = np.asarray(self.att, dtype=np.float32)
+        self.original_att = np.asarray(self.original_att, dtype=np.float32)
+        if self.w2v_att is not None:
+            self.w2v_att = np.asarray(self.w2v_att, dtype=np.float32)
+        self.splits = {k: np.asarray(v, dtype=np.int64) for k, v in self.splits.items()}
+        self.validate()
+
+    # ------------------------------------------------------------------ checks
+    def validate(self) -> None:
+        n, c = len(self.image_paths), len(self.class_names)
+        where = f"dataset {self.name!r}"
+        if self.labels.shape != (n,):
+            raise DatasetError(f"{where}: {len(self.labels)} labels for {n} images")
+        if n and (self.labels.min() < 0 or self.labels.max() >= c):
+            raise DatasetError(f"{where}: labels must lie in [0, {c}), got [{self.labels.min()}, {self.labels.max()}]")
+        if self.att.ndim != 2 or self.att.shape[0] != c:
+            raise DatasetError(f"{where}: att has shape {self.att.shape}, expected ({c}, A)")
+        if self.original_att.shape != self.att.shape:
+            raise DatasetError(f"{where}: original_att shape {self.original_att.shape} != att shape {self.att.shape}")
+        a = self.att.shape[1]
+        if self.w2v_att is not None and (self.w2v_att.ndim != 2 or self.w2v_att.shape[0] != a):
+            raise DatasetError(f"{where}: word vectors have shape {self.w2v_att.shape}, expected ({a}, D) for {a} attributes")
+        if self.attribute_names is not None and len(self.attribute_names) != a:
+            raise DatasetError(f"{where}: {len(self.attribute_names)} attribute names for {a} attributes")
+        if self.boxes is not None and self.boxes.shape != (n, 4):
+            raise DatasetError(f"{where}: boxes shape {self.boxes.shape}, expected ({n}, 4)")
+        for key in REQUIRED_SPLITS:
+            if key not in self.splits:
+                raise DatasetError(f"{where}: split {key!r} is missing")
+        for key, loc in self.splits.items():
+            if loc.ndim != 1 or (loc.size and (loc.min() < 0 or loc.max() >= n)):
+                raise DatasetError(f"{where}: split {key!r} indexes outside [0, {n})")
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def num_images(self) -> int:
+        return len(self.image_paths)
+
+    @property
+    def seen_classes(self) -> np.ndarray:
+        return np.unique(self.labels[self.splits["trainval_loc"]])
+
+    @property
+    def unseen_classes(self) -> np.ndarray:
+        return np.unique(self.labels[self.splits["test_unseen_loc"]])
+
+    def fingerprint(self) -> dict[str, str]:
+        """sha256 hashes of everything that defines the dataset's content (for the manifest)."""
+        return {
+            "images": _sha256_json([self.image_paths, self.labels.tolist()]),
+            "splits": _sha256_json({k: v.tolist() for k, v in sorted(self.splits.items())}),
+            "att": _sha256_array(self.att),
+            "original_att": _sha256_array(self.original_att),
+            "w2v_att": _sha256_array(self.w2v_att) if self.w2v_att is not None else "none",
+        }
+
+
+def make_validation_split(labels: np.ndarray, trainval_loc: np.ndarray, fraction: float = 0.2,
+                          seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Hold out a fixed part of the seen classes as pseudo-unseen validation classes.
+
+    Returns (train_loc, val_loc): images of the remaining seen classes, and images of the held-out
+    ones, as xlsa17's train_loc/val_loc. Deterministic in (labels, trainval_loc, fraction, seed).
+    """
+    seen = np.unique(labels[trainval_loc])
+    n_val = max(1, int(round(fraction * len(seen))))
+    val_classes = np.sort(np.random.default_rng(seed).permutation(seen)[:n_val])
+    is_val = np.isin(labels[trainval_loc], val_classes)
+    return np.sort(trainval_loc[~is_val]), np.sort(trainval_loc[is_val])
+
+
+def _sha256_json(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def _sha256_array(a: np.ndarray) -> str:
+    a = np.ascontiguousarray(a)
+    h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
+    h.update(a.tobytes())
+    return h.hexdigest()

@@ -1,0 +1,1 @@
+"""Orchestration: jobs that the CLI commands call (extract, train, evaluate, demo)."""

@@ -1,0 +1,18 @@
+import os
+
+import pytest
+import torch
+
+from extract.datasets.shared_data import find_shared_data
+
+# Two cores on CI: keep torch from oversubscribing when pytest runs several heavy tests.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    """The real data folder (../shared/data or $MSDN_SHARED_DATA); fails loudly when missing."""
+    try:
+        return find_shared_data()
+    except FileNotFoundError as err:
+        pytest.fail(str(err))
