@@ -1,1 +1,63 @@
-"""Image dataset adapters; each returns an ImageDataset."""
+"""Image dataset adapters; each returns an ImageDataset. `build_dataset(name, **options)` picks one."""
+from __future__ import annotations
+
+import functools
+import inspect
+from pathlib import Path
+from typing import Callable
+
+from .base import DatasetError, ImageDataset, check_image_files, make_validation_split
+from .cub_folder import load_cub_folder
+from .demo import DemoConfig, load_demo, render_demo
+from .xlsa17 import XLSA17_DATASETS, load_xlsa17
+
+
+def _demo(root: str | Path | None = None, data_root: str | Path | None = None, seed: int = 0,
+          **options) -> ImageDataset:
+    if root is None and data_root is None:
+        raise DatasetError("demo: pass root=<folder to render the demo into> (or data_root=, which uses <data_root>/demo)")
+    return load_demo(Path(root) if root is not None else Path(data_root) / "demo", seed=seed, **options)
+
+
+# One factory per kind of source; the xlsa17 benchmarks share theirs.
+DATASETS: dict[str, Callable[..., ImageDataset]] = {
+    **{name: functools.partial(load_xlsa17, name) for name in XLSA17_DATASETS},
+    "CUB100": load_cub_folder,
+    "demo": _demo,
+}
+OPTION_ALIASES = {"splits_root": "xlsa17_root"}
+
+
+def valid_options(name: str) -> list[str]:
+    factory = DATASETS[canonical_name(name)]
+    params = [p for p in inspect.signature(factory).parameters.values()
+              if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    names = [p.name for p in params]
+    if factory is _demo:
+        names += [f for f in DemoConfig.__dataclass_fields__ if f != "seed"]
+    return names
+
+
+def canonical_name(name: str) -> str:
+    """Exact registry name for `name` (case-insensitive), or DatasetError listing the valid ones."""
+    if name in DATASETS:
+        return name
+    matches = [key for key in DATASETS if key.lower() == str(name).lower()]
+    if not matches:
+        raise DatasetError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
+    return matches[0]
+
+
+def build_dataset(name: str, **options) -> ImageDataset:
+    """Load dataset `name` (see DATASETS). Options left as None are dropped, so a CLI can pass every
+    option it has; `splits_root` is accepted for `xlsa17_root`."""
+    name = canonical_name(name)
+    options = {OPTION_ALIASES.get(k, k): v for k, v in options.items() if v is not None}
+    unknown = sorted(set(options) - set(valid_options(name)))
+    if unknown:
+        raise DatasetError(f"{name}: unknown options {unknown}; valid: {', '.join(valid_options(name))}")
+    return DATASETS[name](**options)
+
+
+__all__ = ["DATASETS", "DatasetError", "ImageDataset", "build_dataset", "canonical_name", "check_image_files",
+           "load_cub_folder", "load_demo", "load_xlsa17", "make_validation_split", "render_demo", "valid_options"]
