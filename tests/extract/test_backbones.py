@@ -1,0 +1,189 @@
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from extract.backbones import (BACKBONES, BackboneSpec, BackboneWeightsError, build_backbone,
+                               build_classifier, build_transform, describe, feature_shape,
+                               resnet101_cache_path, weights_sha256)
+
+# ImageNet-1k bird classes (torchvision's category list, checked by name): 7 cock .. 24 great grey owl
+# (gamefowl, ostrich, finches/buntings, robin, bulbul, jay, magpie, chickadee, water ouzel, raptors,
+# owl; 25 is a salamander), 80 black grouse .. 100 black swan (grouse, peacock, quail, parrots,
+# coucal, bee eater, hornbill, hummingbird, jacamar, toucan, ducks, goose, swan; 101 is a tusker) and
+# 127 white stork .. 146 albatross (storks, herons, cranes, rails, waders, pelican, penguin; 147 is a
+# whale).
+IMAGENET_BIRDS = set(range(7, 25)) | set(range(80, 101)) | set(range(127, 147))
+
+
+@pytest.fixture(scope="module")
+def random_backbones():
+    # Building ResNet101 costs ~1 s: once per module, reused for every image size.
+    return {name: build_backbone(BackboneSpec(name, 224, "random")) for name in BACKBONES}
+
+
+@pytest.fixture(scope="module")
+def resnet_state_file(tmp_path_factory):
+    """A random ResNet101 state dict saved under torchvision's cache file name (~170 MB, once)."""
+    # Laid out as torchvision's cache ($TORCH_HOME/hub/checkpoints/<file>) so one file serves both
+    # the cache lookup and the local-path tests.
+    path = tmp_path_factory.mktemp("torch_home") / "hub" / "checkpoints" / "resnet101-63fe2227.pth"
+    path.parent.mkdir(parents=True)
+    torch.save(build_classifier(BackboneSpec("resnet101", 224, "random")).model.state_dict(), path)
+    return path
+
+
+@pytest.mark.parametrize("name,size,grid", [("efficientnet_lite0", 224, 7), ("efficientnet_lite0", 448, 14),
+                                            ("efficientnet_lite0", 100, 4), ("resnet101", 224, 7),
+                                            ("resnet101", 448, 14), ("resnet101", 100, 4)])
+def test_output_shape_matches_feature_shape(random_backbones, name, size, grid):
+    spec = BackboneSpec(name, size, "random")
+    with torch.inference_mode():
+        maps = random_backbones[name](torch.randn(1, 3, size, size))
+    channels = {"efficientnet_lite0": 1280, "resnet101": 2048}[name]
+    assert feature_shape(spec) == (channels, grid, grid)
+    assert tuple(maps.shape) == (1, *feature_shape(spec))
+    assert torch.isfinite(maps).all()
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_backbone_is_frozen_and_stays_in_eval(random_backbones, name):
+    model = random_backbones[name]
+    model.train()  # a caller's train() must not switch BatchNorm to batch statistics
+    assert not model.training and not any(m.training for m in model.modules())
+    assert not any(p.requires_grad for p in model.parameters())
+    assert model.out_channels == feature_shape(BackboneSpec(name, 224, "random"))[0]
+
+
+def test_channels_last_matches_contiguous(random_backbones):
+    model = random_backbones["efficientnet_lite0"]
+    x = torch.randn(2, 3, 96, 96)
+    with torch.inference_mode():
+        ref = model(x)
+        model_cl = model.to(memory_format=torch.channels_last)
+        out = model_cl(x.contiguous(memory_format=torch.channels_last))
+        model.to(memory_format=torch.contiguous_format)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_random_init_is_deterministic():
+    spec = BackboneSpec("efficientnet_lite0", 224, "random")
+    a, b = build_backbone(spec).state_dict(), build_backbone(spec).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_describe_random_init_is_json_and_marked():
+    info = describe(BackboneSpec("resnet101", 448, "random"))
+    assert json.loads(json.dumps(info)) == info
+    assert info["random_init"] is True and info["weights_sha256"] is None
+    assert info["channels"] == 2048 and info["grid"] == [14, 14]
+    assert info["preprocessing"]["normalization"] == "imagenet_mean_std"
+
+
+def test_describe_lite0_imagenet_hashes_the_wheel_file():
+    info = describe(BackboneSpec("efficientnet_lite0", 448, "imagenet"))
+    assert json.loads(json.dumps(info)) == info
+    assert info["random_init"] is False
+    assert info["preprocessing"]["normalization"] == "x/127.5-1"
+    expected = hashlib.sha256(Path(info["weights_file"]).read_bytes()).hexdigest()
+    assert info["weights_sha256"] == expected
+    assert info["grid"] == [14, 14] and info["channels"] == 1280
+
+
+def test_spec_round_trip_and_validation():
+    spec = BackboneSpec("efficientnet_lite0", 224, "random")
+    assert BackboneSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    with pytest.raises(ValueError, match="unknown backbone"):
+        BackboneSpec("vgg16")
+    with pytest.raises(ValueError, match="image_size"):
+        BackboneSpec("resnet101", 16)
+    with pytest.raises(ValueError, match="unknown BackboneSpec keys"):
+        BackboneSpec.from_dict({"name": "resnet101", "size": 448})
+
+
+def test_lite0_transform_is_tf_normalisation():
+    # Solid 300x200 image: resize + crop keep the colour, so the expected values are exact.
+    image = Image.new("RGB", (300, 200), (255, 0, 51))
+    x = build_transform(BackboneSpec("efficientnet_lite0", 224))(image)
+    assert x.shape == (3, 224, 224) and x.dtype == torch.float32
+    torch.testing.assert_close(x[:, 100, 100], torch.tensor([255 / 127.5 - 1, -1.0, 51 / 127.5 - 1]))
+
+
+def test_resnet_transform_is_imagenet_mean_std_and_rgb():
+    image = Image.new("L", (150, 400), 128)  # greyscale, portrait: converted to RGB, cropped square
+    x = build_transform(BackboneSpec("resnet101", 448))(image)
+    assert x.shape == (3, 448, 448)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    torch.testing.assert_close(x[:, 200, 200], (128 / 255 - mean) / std)
+
+
+def test_lite0_imagenet_weights_see_birds_in_cub_photos(shared_data):
+    # 50 photos, one per species, from 50 species spread over the sorted species list.
+    root = shared_data / "cub100_subset" / "images"
+    species = sorted(p.name for p in root.iterdir() if p.is_dir())
+    paths = [sorted((root / s).glob("*.jpg"))[0] for s in species[::2][:50]]
+    assert len(paths) == 50
+    spec = BackboneSpec("efficientnet_lite0", 224, "imagenet")
+    transform, model = build_transform(spec), build_classifier(spec)
+    with torch.inference_mode():
+        logits = model(torch.stack([transform(Image.open(p)) for p in paths]))
+    birds = sum(int(c) in IMAGENET_BIRDS for c in logits.argmax(1))
+    assert birds >= 45, f"only {birds}/50 CUB photos classified as ImageNet birds"
+
+
+def test_offline_resnet_imagenet_names_both_ways(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
+    monkeypatch.delenv("MSDN_ALLOW_DOWNLOAD", raising=False)
+    spec = BackboneSpec("resnet101", 448, "imagenet")
+    for call in (build_backbone, describe):
+        with pytest.raises(BackboneWeightsError) as err:
+            call(spec)
+        message = str(err.value)
+        assert "\n" not in message
+        assert str(tmp_path / "empty_torch_home" / "hub" / "checkpoints" / "resnet101-63fe2227.pth") in message
+        assert "internet" in message and "--weights /path/to/resnet101-63fe2227.pth" in message
+
+
+def test_resnet_imagenet_found_in_torch_hub_cache(resnet_state_file, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(resnet_state_file.parents[2]))
+    assert resnet101_cache_path() == resnet_state_file
+    info = describe(BackboneSpec("resnet101", 224, "imagenet"))
+    assert info["weights_file"] == str(resnet_state_file.resolve()) and info["random_init"] is False
+    assert info["weights_source"].startswith("torchvision")
+
+
+def test_local_weights_file_round_trip(resnet_state_file):
+    spec = BackboneSpec("resnet101", 224, str(resnet_state_file))
+    model = build_backbone(spec)
+    reference = torch.load(resnet_state_file, weights_only=True)
+    torch.testing.assert_close(model.body[0].weight, reference["conv1.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(model.body[7][2].conv3.weight, reference["layer4.2.conv3.weight"],
+                               rtol=0, atol=0)
+    info = describe(spec)
+    assert info["weights_sha256"] == hashlib.sha256(resnet_state_file.read_bytes()).hexdigest()
+    assert info["random_init"] is False and info["weights_source"] == "local file"
+
+
+def test_bad_weights_files_name_the_file(tmp_path, random_backbones):
+    missing = tmp_path / "nope.pth"
+    with pytest.raises(BackboneWeightsError, match="nope.pth: weights file not found"):
+        build_backbone(BackboneSpec("resnet101", 224, str(missing)))
+    wrong = tmp_path / "lite0_as_resnet.pth"
+    torch.save(random_backbones["efficientnet_lite0"].body.state_dict(), wrong)
+    with pytest.raises(BackboneWeightsError, match="lite0_as_resnet.pth: state dict does not match resnet101"):
+        build_backbone(BackboneSpec("resnet101", 224, str(wrong)))
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(BackboneWeightsError, match="garbage.pth: not a readable torch state dict"):
+        build_backbone(BackboneSpec("efficientnet_lite0", 224, str(garbage)))
+
+
+def test_weights_hash_is_recomputed_when_the_file_changes(tmp_path):
+    path = tmp_path / "w.bin"
+    path.write_bytes(b"abc")
+    assert weights_sha256(path) == hashlib.sha256(b"abc").hexdigest()
+    path.write_bytes(b"abcd")
+    assert weights_sha256(path) == hashlib.sha256(b"abcd").hexdigest()
