@@ -1,0 +1,60 @@
+"""Hyper-parameters of the MSDN++ heads (SPEC.md §4-5) as one plain dataclass."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+SUBNETS = ("both", "ava", "vaa")
+COUNTERFACTUALS = ("random", "uniform", "reversed", "shuffle")
+DISTILLS = ("released", "paper")
+# "attributes": project the features with the stacked (4A, f) matrix; "embedding": project with the
+# stacked (4D, f) weights first and apply V after; "auto" picks the route with fewer FLOPs (SPEC
+# datasets: CUB/SUN/AWA2 take "attributes", FLO with its 1024 attributes takes "embedding").
+MATMUL_ROUTES = ("auto", "attributes", "embedding")
+
+
+@dataclass
+class HeadConfig:
+    lambda_cal: float = 0.1
+    lambda_distill: float = 0.001
+    lambda_causal: float = 0.0  # 0 reproduces MSDN exactly (no counterfactual work, no RNG draws)
+    counterfactual: str = "random"
+    distill: str = "released"
+    bias: float = 1.0  # +bias on unseen, -bias on seen class scores (fixed calibration margin)
+    normalize_v: bool = False  # AWA2 recipe: re-normalise V rows at every forward
+    trainable_v: bool = True
+    fusion: tuple[float, float] = (0.9, 0.1)
+    subnets: str = "both"
+    w2v_dim: int = 300  # only used when no word vectors exist (FLO/APY): V ~ N(0,1), trainable
+    clamp_att_negative: bool = False  # AWA2 recipe: clamp negative attributes to 0 before L2-norm
+    matmul_route: str = "auto"
+
+    def __post_init__(self) -> None:
+        self.fusion = tuple(float(w) for w in self.fusion)
+        checks = [
+            (self.subnets in SUBNETS, f"subnets must be one of {SUBNETS}, got {self.subnets!r}"),
+            (self.counterfactual in COUNTERFACTUALS,
+             f"counterfactual must be one of {COUNTERFACTUALS}, got {self.counterfactual!r}"),
+            (self.distill in DISTILLS, f"distill must be one of {DISTILLS}, got {self.distill!r}"),
+            (self.matmul_route in MATMUL_ROUTES,
+             f"matmul_route must be one of {MATMUL_ROUTES}, got {self.matmul_route!r}"),
+            (len(self.fusion) == 2, f"fusion must be two weights (w1, w2), got {self.fusion!r}"),
+            (self.w2v_dim > 0, f"w2v_dim must be positive, got {self.w2v_dim}"),
+            (min(self.lambda_cal, self.lambda_distill, self.lambda_causal) >= 0,
+             "lambda_cal, lambda_distill and lambda_causal must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"HeadConfig: {message}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["fusion"] = list(self.fusion)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "HeadConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"HeadConfig: unknown keys {unknown}")
+        return cls(**d)
