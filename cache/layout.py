@@ -1,0 +1,130 @@
+"""The feature cache file: key names, dataset layout and creation (SPEC.md §2.4).
+
+One HDF5 file per (dataset, backbone, image size). N images, C_cls classes, A attributes, D = word
+vector size, (C, H, W) = the backbone's feature map shape.
+
+    key              shape          dtype        storage
+    feature_map      (N, C, H, W)   float16 | float32   chunks (1, C, H, W) = one image per chunk;
+                                                 lzf | gzip (level 4) | none; fill value 0
+    labels           (N,)           int64        0-based index into the class axis of `att`
+    trainval_loc     (n,)           int64        0-based rows (as TransZero writes them)
+    test_seen_loc    (n,)           int64        0-based rows
+    test_unseen_loc  (n,)           int64        0-based rows
+    train_loc        (n,)           int64        0-based rows (ours: validation protocol)
+    val_loc          (n,)           int64        0-based rows (ours: validation classes play unseen)
+    att              (C_cls, A)     float32      xlsa17 `att` transposed (class rows L2-normalised)
+    original_att     (C_cls, A)     float32      raw class attributes (AWA: -1 = missing)
+    w2v_att          (A, D)         float32      attribute word vectors; ABSENT when the dataset has none
+    image_paths      (N,)           utf-8 str    image path relative to the dataset root
+    done             (N,)           bool         row i holds valid features (set only after its data
+                                                 was written and flushed)
+    skipped          (N,)           bool         row i's image was unreadable under --skip-bad: its
+                                                 features stay zero and done[i] stays False
+    attrs["manifest"]     JSON string: see extract/manifest.py (backbone, dtype, dataset fingerprint,
+                                       package versions, content_key)
+    attrs["content_key"]  sha256 hex of the content-defining part of the manifest
+    attrs["format"], attrs["format_version"]  "msdn-feature-cache", FORMAT_VERSION
+
+The first eight keys are exactly TransZero's `preprocessing.py` output, so MSDN/TransZero loaders read
+our files (they need `--dtype float32`: their test-time code does not cast float16 features), and
+our reader accepts theirs (float32/float64, gzip, no manifest, no done mask = complete).
+
+Files use the HDF5 1.10 format (libver v110, superblock 3): readable by any HDF5 >= 1.10 (h5py >= 2.7
+builds), and required for single-writer/multiple-reader (SWMR) writing, which keeps the file
+consistent on disk at every moment, so a kill -9 never leaves an unreadable file (extract/writer.py;
+`open_readonly` reads such a file, whose 'being written' flag a killed writer could not clear).
+A file is created complete with every key (metadata filled in, done all False) under a temporary
+name and renamed into place, so a crash during creation leaves nothing behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+FORMAT = "msdn-feature-cache"
+FORMAT_VERSION = 1
+LIBVER = ("v110", "v110")
+
+FEATURES = "feature_map"
+LABELS = "labels"
+REQUIRED_SPLITS = ("trainval_loc", "test_seen_loc", "test_unseen_loc")
+OPTIONAL_SPLITS = ("train_loc", "val_loc")
+ATT = "att"
+ORIGINAL_ATT = "original_att"
+W2V = "w2v_att"
+IMAGE_PATHS = "image_paths"
+DONE = "done"
+SKIPPED = "skipped"
+MANIFEST_ATTR = "manifest"
+CONTENT_KEY_ATTR = "content_key"
+
+COMPRESSIONS = ("lzf", "gzip", "none")
+DTYPES = {"float16": np.float16, "float32": np.float32}
+GZIP_LEVEL = 4  # h5py's and TransZero's default
+
+
+def partial_path(out: str | Path) -> Path:
+    """Where an unfinished extraction lives until it is complete and renamed to `out`."""
+    out = Path(out)
+    return out.with_name(out.name + ".partial")
+
+
+def compression_options(compression: str) -> dict:
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
+    if compression == "none":
+        return {}
+    if compression == "gzip":
+        return {"compression": "gzip", "compression_opts": GZIP_LEVEL}
+    return {"compression": "lzf"}
+
+
+def create_cache_file(path: str | Path, *, dataset, feature_shape: tuple[int, int, int], dtype: str,
+                      compression: str, manifest: dict) -> Path:
+    """Create `path` with every key, metadata filled in and no row done. Atomic: the file appears
+    under its name only once fully written."""
+    path = Path(path)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    n, (c, h, w) = dataset.num_images, feature_shape
+    tmp = path.with_name(path.name + ".creating")
+    with h5py.File(tmp, "w", libver=LIBVER) as f:
+        f.create_dataset(FEATURES, shape=(n, c, h, w), dtype=DTYPES[dtype], chunks=(1, c, h, w),
+                         fillvalue=0, **compression_options(compression))
+        f.create_dataset(LABELS, data=dataset.labels.astype(np.int64))
+        for key in REQUIRED_SPLITS + OPTIONAL_SPLITS:
+            if key in dataset.splits:
+                f.create_dataset(key, data=dataset.splits[key].astype(np.int64))
+        f.create_dataset(ATT, data=dataset.att.astype(np.float32))
+        f.create_dataset(ORIGINAL_ATT, data=dataset.original_att.astype(np.float32))
+        if dataset.w2v_att is not None:
+            f.create_dataset(W2V, data=dataset.w2v_att.astype(np.float32))
+        f.create_dataset(IMAGE_PATHS, data=list(dataset.image_paths), dtype=h5py.string_dtype("utf-8"))
+        # Allocated now (data=...), so that marking rows later only rewrites bytes in place.
+        f.create_dataset(DONE, data=np.zeros(n, dtype=bool))
+        f.create_dataset(SKIPPED, data=np.zeros(n, dtype=bool))
+        f.attrs["format"] = FORMAT
+        f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs[MANIFEST_ATTR] = json.dumps(manifest, sort_keys=True)
+        f.attrs[CONTENT_KEY_ATTR] = manifest["content_key"]
+    os.replace(tmp, path)
+    return path
+
+
+def open_readonly(path: str | Path) -> h5py.File:
+    """Open for reading; also opens a file whose SWMR writer was killed (its 'open for writing' flag
+    is still set, which makes a plain open fail although the data on disk is consistent)."""
+    try:
+        return h5py.File(path, "r")
+    except OSError as err:
+        if not is_writer_flag_error(err):
+            raise
+    return h5py.File(path, "r", libver=LIBVER, swmr=True)
+
+
+def is_writer_flag_error(err: OSError) -> bool:
+    return "consistency flags" in str(err) or "already open for write" in str(err)
