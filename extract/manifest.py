@@ -1,0 +1,98 @@
+"""What produced a feature cache, and the content key that says whether two caches hold the same maps.
+
+The manifest records everything (backbone, weights hash, preprocessing, dtype, storage, dataset
+fingerprint, package versions, time). The content key hashes only what defines the stored values:
+backbone description (without where the weights file lies), dtype, dataset name and fingerprint, and
+the image file sizes (a cheap guard against an image replaced under the same name). Package versions,
+timestamps, paths and compression are recorded but left out of the key, so asking again with the same
+inputs finds the finished file, and any input change gives a different key.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+from datetime import datetime, timezone
+from importlib import metadata
+
+from cache.layout import DTYPES, FORMAT, FORMAT_VERSION
+
+# describe() fields that say where the weights came from, not what they are (weights_sha256 is kept).
+_PROVENANCE_FIELDS = ("weights", "weights_source", "weights_file")
+_PACKAGES = ("torch", "torchvision", "h5py", "numpy", "pillow", "msdn-zsl")
+
+
+def image_sizes_sha256(dataset) -> str:
+    """sha256 of the byte size of every image, in row order (stat only: 37k files in well under 1 s)."""
+    root = str(dataset.root)
+    sizes = [os.stat(os.path.join(root, rel)).st_size for rel in dataset.image_paths]
+    return hashlib.sha256(json.dumps(sizes).encode()).hexdigest()
+
+
+def content_part(backbone: dict, feature_shape, dtype: str, dataset_name: str, fingerprint: dict,
+                 image_sizes: str) -> dict:
+    """The content-defining part of a manifest (what `content_key` hashes)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return {
+        "format_version": FORMAT_VERSION,
+        "backbone": {k: v for k, v in backbone.items() if k not in _PROVENANCE_FIELDS},
+        "feature_shape": [int(x) for x in feature_shape],
+        "dtype": dtype,
+        "dataset": {"name": dataset_name, "fingerprint": dict(fingerprint), "image_sizes": image_sizes},
+    }
+
+
+def content_key(manifest: dict) -> str:
+    """sha256 over the content-defining part of a manifest built by `build_manifest`."""
+    return hashlib.sha256(json.dumps(manifest["content"], sort_keys=True).encode()).hexdigest()
+
+
+def build_manifest(dataset, spec, *, dtype: str = "float16", compression: str = "lzf",
+                   compute: dict | None = None, backbone_description: dict | None = None) -> dict:
+    """Full manifest for extracting `dataset` with backbone `spec`. `compute` records how it ran
+    (device, autocast dtype, batch size): provenance only."""
+    from extract.backbones import describe, feature_shape
+
+    backbone = backbone_description if backbone_description is not None else describe(spec)
+    content = content_part(backbone, feature_shape(spec), dtype, dataset.name, dataset.fingerprint(),
+                           image_sizes_sha256(dataset))
+    manifest = {
+        "format": FORMAT,
+        "content": content,
+        "backbone": backbone,
+        "dtype": dtype,
+        "compression": compression,
+        "dataset": {
+            "name": dataset.name,
+            "num_images": dataset.num_images,
+            "num_classes": len(dataset.class_names),
+            "num_attributes": int(dataset.att.shape[1]),
+            "word_vector_dim": None if dataset.w2v_att is None else int(dataset.w2v_att.shape[1]),
+            "root": str(dataset.root),
+            "source": _jsonable(dataset.source),
+        },
+        "compute": compute or {},
+        "software": package_versions(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    manifest["content_key"] = content_key(manifest)
+    return manifest
+
+
+def package_versions() -> dict:
+    versions = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    import h5py
+    versions["hdf5"] = h5py.version.hdf5_version
+    return versions
+
+
+def _jsonable(obj):
+    """Dataset `source` records may hold Paths or numpy scalars; keep them readable in JSON."""
+    return json.loads(json.dumps(obj, default=str))

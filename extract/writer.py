@@ -1,0 +1,124 @@
+"""Crash-safe row writer for a feature cache being extracted (layout: cache/layout.py).
+
+Order of operations per batch: write the feature rows, flush, then set their `done` flags, flush.
+A row is therefore never marked done before its data is on disk. The file is written in SWMR mode,
+in which HDF5 orders its metadata writes so that the file on disk is consistent at every moment:
+after a kill -9 the done rows are intact and readable. Such a file still carries HDF5's "open for
+writing" flag, which only HDF5's `h5clear` tool resets; `CacheWriter` instead copies the done rows'
+compressed chunks as they are (no recompression) into a fresh file and continues from there.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from cache.layout import CONTENT_KEY_ATTR, DONE, FEATURES, LIBVER, SKIPPED, is_writer_flag_error
+
+
+class CacheWriteError(RuntimeError):
+    """The partial file cannot be opened or continued; the message names it."""
+
+
+class CacheWriter:
+    """Open a partial cache file for writing rows (context manager)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.file = _open_for_writing(self.path)
+        self.file.swmr_mode = True
+        self.features = self.file[FEATURES]
+        self._done_ds, self._skipped_ds = self.file[DONE], self.file[SKIPPED]
+        self.done = self._done_ds[:]          # in-memory mirrors: the file is the source of truth
+        self.skipped = self._skipped_ds[:]
+
+    @property
+    def content_key(self) -> str:
+        return str(self.file.attrs[CONTENT_KEY_ATTR])
+
+    @property
+    def num_images(self) -> int:
+        return len(self.done)
+
+    def todo_rows(self) -> np.ndarray:
+        """Rows without valid features yet (skipped rows are retried)."""
+        return np.flatnonzero(~self.done)
+
+    def write(self, rows: np.ndarray, features: np.ndarray) -> None:
+        """Store features[k] in row rows[k], then mark those rows done (in that order)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        for start, stop, offset in _runs(rows):
+            self.features[start:stop] = features[offset:offset + stop - start]
+        self.file.flush()
+        self._set(self._done_ds, self.done, rows, True)
+        if self.skipped[rows].any():
+            self._set(self._skipped_ds, self.skipped, rows, False)
+        self.file.flush()
+
+    def mark_skipped(self, rows: np.ndarray) -> None:
+        """Record unreadable images; their features stay zero (the fill value) and not done."""
+        rows = np.asarray(rows, dtype=np.int64)
+        self._set(self._skipped_ds, self.skipped, rows, True)
+        self.file.flush()
+
+    @staticmethod
+    def _set(dataset, mirror: np.ndarray, rows: np.ndarray, value: bool) -> None:
+        mirror[rows] = value
+        for start, stop, _ in _runs(rows):
+            dataset[start:stop] = mirror[start:stop]
+
+    def close(self) -> None:
+        if self.file.id.valid:
+            self.file.close()
+
+    def __enter__(self) -> "CacheWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _runs(rows: np.ndarray):
+    """Split rows into maximal runs of consecutive indices: (start, stop, offset into rows)."""
+    if len(rows) == 0:
+        return
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, len(rows)]):
+        yield int(rows[lo]), int(rows[hi - 1]) + 1, int(lo)
+
+
+def _open_for_writing(path: Path) -> h5py.File:
+    try:
+        return h5py.File(path, "r+", libver=LIBVER)
+    except OSError as err:
+        if not is_writer_flag_error(err):
+            raise CacheWriteError(f"{path}: cannot open the partial feature file for writing ({err}); "
+                                  "if no other extraction is using it, delete it or pass --overwrite") from None
+    recover_killed_file(path)
+    return h5py.File(path, "r+", libver=LIBVER)
+
+
+def recover_killed_file(path: Path) -> None:
+    """Rewrite a file left by a killed SWMR writer: every key and attribute, and the done rows'
+    feature chunks byte for byte. Rows not done are left out (they are recomputed)."""
+    tmp = path.with_name(path.name + ".recovering")
+    try:
+        src = h5py.File(path, "r", libver=LIBVER, swmr=True)
+    except OSError as err:
+        raise CacheWriteError(f"{path}: the partial feature file is damaged ({err}); delete it or "
+                              "pass --overwrite to start again") from None
+    with src, h5py.File(tmp, "w", libver=LIBVER) as dst:
+        for key, value in src.attrs.items():
+            dst.attrs[key] = value
+        for key in src:
+            if key != FEATURES:
+                src.copy(src[key], dst, name=key)
+        done = src[DONE][:]
+        source, target = src[FEATURES], dst.create_dataset_like(FEATURES, src[FEATURES])
+        for row in np.flatnonzero(done):
+            offset = (int(row),) + (0,) * (source.ndim - 1)
+            filter_mask, chunk = source.id.read_direct_chunk(offset)
+            target.id.write_direct_chunk(offset, chunk, filter_mask)
+    os.replace(tmp, path)
