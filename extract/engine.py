@@ -1,0 +1,215 @@
+"""Stream a dataset's images through a frozen backbone into one HDF5 feature cache (SPEC.md §1, §2.4).
+
+    extract_features(dataset, spec, "cub.h5")
+
+1. Preflight (before any work): image files exist, weights resolve, the output is not already there
+   with other inputs. A finished file with the same content key is up to date: nothing is done.
+2. The rows still to do go through a DataLoader (decoding in worker processes) and the backbone
+   (CUDA: autocast, channels_last, pinned memory, non_blocking copies; one batch in flight while
+   the previous one is written), and each batch is written and flushed as it comes: memory stays flat.
+3. Work happens in `<out>.partial`, renamed to `<out>` when every row is done or skipped, so `<out>`
+   only ever appears complete. An interrupted run (Ctrl-C, kill -9) continues with resume=True.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cache.layout import DTYPES, create_cache_file, partial_path
+from cache.reader import CacheError, FeatureCache
+from extract.backbones import BackboneSpec, build_backbone, build_transform, describe, feature_shape
+from extract.datasets.base import DatasetError, ImageDataset
+from extract.loader import ImageRows, default_batch_size, default_num_workers, make_loader
+from extract.manifest import build_manifest
+from extract.writer import CacheWriter
+
+_SHOW_MISSING = 5
+_TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+class ExtractError(RuntimeError):
+    """The extraction cannot start or go on; the message names the file and what to do."""
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ExtractError(f"device {device} requested but CUDA is not available (use --device auto or cpu)")
+    return device
+
+
+def extract_features(dataset: ImageDataset, spec: BackboneSpec, out_path: str | Path, *,
+                     batch_size: int | None = None, device: str = "auto", dtype: str = "float16",
+                     compression: str = "lzf", resume: bool = False, skip_bad: bool = False,
+                     overwrite: bool = False, num_workers: int | None = None, progress: bool = True,
+                     log=None) -> Path:
+    """Extract `dataset` with backbone `spec` into `out_path`; returns the path of the finished file."""
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    out, partial = Path(out_path), partial_path(out_path)
+    if dtype not in DTYPES:
+        raise ExtractError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    device = resolve_device(device)
+    batch_size = batch_size or default_batch_size(spec.name, spec.image_size, device)
+    num_workers = default_num_workers(device) if num_workers is None else num_workers
+    if batch_size < 1 or num_workers < 0:
+        raise ExtractError(f"batch size must be >= 1 and workers >= 0, got {batch_size} and {num_workers}")
+
+    preflight_images(dataset)
+    amp = _autocast_dtype(device, dtype)
+    manifest = build_manifest(dataset, spec, dtype=dtype, compression=compression, compute={
+        "device": device.type, "autocast": str(amp).replace("torch.", "") if amp else None,
+        "channels_last": True, "batch_size": batch_size}, backbone_description=describe(spec))
+    if _up_to_date(out, manifest["content_key"], overwrite, resume, partial, log):
+        return out
+    _prepare_partial(partial, manifest, dataset, spec, resume, overwrite, log)
+
+    with CacheWriter(partial) as writer:
+        todo = writer.todo_rows()
+        if len(todo):
+            log(f"extracting {len(todo)} of {writer.num_images} images of {dataset.name} with {spec.name} "
+                f"@{spec.image_size}px on {device} (batch {batch_size}, {num_workers} workers"
+                f"{', autocast ' + str(amp).replace('torch.', '') if amp else ''}) -> {partial}")
+            try:
+                _run(dataset, spec, writer, todo, batch_size=batch_size, device=device, amp=amp,
+                     dtype=_TORCH_DTYPES[dtype], num_workers=num_workers, skip_bad=skip_bad, progress=progress)
+            except KeyboardInterrupt:
+                log(f"interrupted: {int(writer.done.sum())} rows done are kept in {partial}; continue with --resume")
+                raise
+        skipped = int(writer.skipped.sum())
+        finished = bool((writer.done | writer.skipped).all())
+    if not finished:  # cannot happen unless rows changed under us; keep the partial for --resume
+        raise ExtractError(f"{partial}: extraction stopped before every row was done; rerun with --resume")
+    os.replace(partial, out)
+    if skipped:
+        log(f"warning: {skipped} unreadable image(s) recorded as skipped (features zero, done=False); "
+            f"fix them and rerun with --resume to fill those rows")
+    log(f"wrote {out}")
+    return out
+
+
+def _run(dataset, spec, writer: CacheWriter, todo: np.ndarray, *, batch_size, device, amp, dtype,
+         num_workers, skip_bad, progress) -> None:
+    """The loop: decode (workers) -> forward (device) -> write + flush + mark done (this process)."""
+    model = build_backbone(spec).to(device).to(memory_format=torch.channels_last)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input size: pick the fastest kernels once
+    images = ImageRows(dataset.root, dataset.image_paths, todo, build_transform(spec), spec.image_size)
+    loader = make_loader(images, batch_size, num_workers, device)
+    bar = tqdm(total=len(todo), unit="img", disable=not progress, dynamic_ncols=True, smoothing=0.1)
+    pending = None  # the previous batch, whose device->host copy may still be running
+    try:
+        for rows, batch, errors in loader:
+            maps = _forward(model, batch, device, amp, dtype)
+            if pending is not None:
+                _store(writer, *pending, images, skip_bad, bar)
+            pending = (rows.numpy(), maps, list(errors))
+        if pending is not None:
+            _store(writer, *pending, images, skip_bad, bar)
+    finally:
+        bar.close()
+
+
+def _forward(model, batch: torch.Tensor, device, amp, dtype) -> torch.Tensor:
+    """Start the forward pass and an asynchronous copy of the maps into pinned host memory."""
+    autocast = torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext()
+    with torch.inference_mode(), autocast:
+        x = batch.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        maps = model(x).to(dtype).contiguous()
+    if device.type != "cuda":
+        return maps
+    host = torch.empty(maps.shape, dtype=maps.dtype, pin_memory=True)
+    return host.copy_(maps, non_blocking=True)
+
+
+def _store(writer: CacheWriter, rows: np.ndarray, maps: torch.Tensor, errors: list[str], images: ImageRows,
+           skip_bad: bool, bar) -> None:
+    if maps.is_pinned():
+        torch.cuda.current_stream().synchronize()  # the non_blocking copy into `maps` has landed
+    good = np.array([not e for e in errors], dtype=bool)
+    if good.any():
+        writer.write(rows[good], maps.numpy()[good])
+    bar.update(int(good.sum()))
+    if good.all():
+        return
+    bad_rows = rows[~good]
+    first = int(np.flatnonzero(~good)[0])
+    if not skip_bad:
+        raise ExtractError(f"{images.path(int(rows[first]))}: cannot read image ({errors[first]}); fix or remove it, "
+                           f"or pass --skip-bad to record it as skipped and go on (rows done so far are kept: "
+                           f"rerun with --resume)")
+    writer.mark_skipped(bad_rows)
+    for k in np.flatnonzero(~good):
+        bar.write(f"skipped {images.path(int(rows[k]))}: {errors[k]}")
+    bar.update(len(bad_rows))
+
+
+def _autocast_dtype(device: torch.device, dtype: str):
+    """bf16 autocast where the GPU has it, else fp16; none on CPU or when float32 maps are asked for."""
+    if device.type != "cuda" or dtype != "float16":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def preflight_images(dataset: ImageDataset) -> None:
+    missing = dataset.check_files()
+    if missing:
+        shown = ", ".join(missing[:_SHOW_MISSING]) + (", ..." if len(missing) > _SHOW_MISSING else "")
+        raise DatasetError(f"dataset {dataset.name!r}: {len(missing)} of {dataset.num_images} image files missing "
+                           f"under {dataset.root} (wrong --data-root?): {shown}")
+
+
+def _up_to_date(out: Path, key: str, overwrite: bool, resume: bool, partial: Path, log) -> bool:
+    """True when `out` already holds these inputs' features. A finished file with skipped rows goes
+    back to being a partial one under resume, so that those rows are retried."""
+    if not out.exists() or overwrite:
+        return False
+    try:
+        with FeatureCache(out) as cache:
+            stored, skipped = cache.content_key, int(cache.skipped.sum())
+    except CacheError as err:
+        raise ExtractError(f"{out}: exists but is not a readable feature cache ({err}); pass --overwrite "
+                           "to replace it") from None
+    if stored != key:
+        raise ExtractError(f"{out}: exists with features of other inputs (content key {str(stored)[:12]}... != "
+                           f"{key[:12]}...); pass --overwrite to replace it or choose another --out")
+    if skipped and resume:
+        log(f"{out}: retrying {skipped} skipped row(s)")
+        os.replace(out, partial)
+        return False
+    log(f"{out}: up to date (content key {key[:12]}...), nothing to do"
+        + (f"; {skipped} row(s) were skipped, --resume retries them" if skipped else ""))
+    return True
+
+
+def _prepare_partial(partial: Path, manifest: dict, dataset, spec, resume: bool, overwrite: bool, log) -> None:
+    if partial.exists() and overwrite:
+        partial.unlink()
+    if partial.exists():
+        key = _stored_key(partial)
+        if not resume:
+            raise ExtractError(f"{partial}: an unfinished extraction is there; pass --resume to continue it "
+                               "or --overwrite to start again")
+        if key != manifest["content_key"]:
+            raise ExtractError(f"{partial}: the unfinished extraction there used other inputs; pass --overwrite "
+                               "to start again with these")
+        log(f"resuming {partial}")
+        return
+    create_cache_file(partial, dataset=dataset, feature_shape=feature_shape(spec), dtype=manifest["dtype"],
+                      compression=manifest["compression"], manifest=manifest)
+
+
+def _stored_key(path: Path) -> str | None:
+    try:
+        with FeatureCache(path) as cache:
+            return cache.content_key
+    except CacheError as err:
+        raise ExtractError(f"{path}: cannot read the unfinished extraction ({err}); delete it or pass "
+                           "--overwrite") from None

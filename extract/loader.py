@@ -1,0 +1,69 @@
+"""Image decoding for the extractor: a torch Dataset over the rows still to do, and loader defaults.
+
+Decoding runs in DataLoader worker processes, so JPEG decoding and resizing overlap the forward pass.
+An unreadable image does not kill the batch: its row comes back with a zero image and the error text,
+and the engine decides (stop and name the file, or record the row as skipped with --skip-bad).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+
+# Measured on 2 cores (bench/extract_speed.py): one decoding worker beside the forward pass beats both
+# decoding in the main process and two workers fighting the forward for the cores.
+CPU_WORKERS_PER_CORE = 0.5
+CUDA_MAX_WORKERS = 16
+
+
+class ImageRows(Dataset):
+    """Item k = (row, image tensor, error) for rows[k]; error is "" when the image decoded."""
+
+    def __init__(self, root: str | Path, image_paths: list[str], rows: np.ndarray, transform, image_size: int):
+        self.root, self.image_paths = str(root), image_paths
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.transform, self.image_size = transform, image_size
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def path(self, row: int) -> str:
+        return os.path.join(self.root, self.image_paths[row])
+
+    def __getitem__(self, k: int):
+        row = int(self.rows[k])
+        try:
+            with Image.open(self.path(row)) as image:
+                image.load()  # decode fully here: a truncated file must fail now, not half-decoded
+                tensor = self.transform(image)
+            return row, tensor, ""
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
+            # SyntaxError: PIL's parsers raise it for some malformed headers.
+            blank = torch.zeros(3, self.image_size, self.image_size)
+            return row, blank, f"{type(err).__name__}: {err}"
+
+
+def default_num_workers(device: torch.device) -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if device.type == "cuda":
+        return max(1, min(CUDA_MAX_WORKERS, cores - 1))
+    return max(0, int(cores * CPU_WORKERS_PER_CORE))
+
+
+def default_batch_size(backbone: str, image_size: int, device: torch.device) -> int:
+    """Large batches on a GPU; small ones on a CPU, where they are as fast and keep memory low."""
+    pixels = (image_size / 224) ** 2
+    if device.type == "cuda":
+        return max(8, int((256 if backbone == "efficientnet_lite0" else 128) / pixels))
+    return max(1, int((16 if backbone == "efficientnet_lite0" else 8) / pixels))
+
+
+def make_loader(images: ImageRows, batch_size: int, num_workers: int, device: torch.device) -> DataLoader:
+    return DataLoader(images, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                      pin_memory=device.type == "cuda", drop_last=False,
+                      prefetch_factor=4 if num_workers > 0 else None,
+                      persistent_workers=False)
