@@ -20,7 +20,6 @@ from cache.layout import DTYPES, FORMAT, FORMAT_VERSION
 
 # describe() fields that say where the weights came from, not what they are (weights_sha256 is kept).
 _PROVENANCE_FIELDS = ("weights", "weights_source", "weights_file")
-_PACKAGES = ("torch", "torchvision", "h5py", "numpy", "pillow", "msdn-zsl")
 
 
 def image_sizes_sha256(dataset) -> str:
@@ -82,14 +81,20 @@ def build_manifest(dataset, spec, *, dtype: str = "float16", compression: str = 
 
 
 def package_versions() -> dict:
-    versions = {"python": platform.python_version()}
-    for name in _PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
+    """Versions as the modules report them (torch's includes its CUDA build, e.g. 2.4.1+cu121)."""
     import h5py
-    versions["hdf5"] = h5py.version.hdf5_version
+    import numpy
+    import PIL
+    import torch
+    import torchvision
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__,
+                "torchvision": torchvision.__version__, "h5py": h5py.__version__,
+                "hdf5": h5py.version.hdf5_version, "numpy": numpy.__version__, "pillow": PIL.__version__}
+    try:
+        versions["msdn-zsl"] = metadata.version("msdn-zsl")
+    except metadata.PackageNotFoundError:  # running from a checkout that is not installed
+        versions["msdn-zsl"] = None
     return versions
 
 
