@@ -51,5 +51,67 @@ def extract(dataset, out, data_root, xlsa17_root, w2v_root, backbone, image_size
         raise SystemExit(130) from None
 
 
+# ----------------------------------------------------------------------------- stage 2: train / evaluate
+def _stage2_errors():
+    """Bad input raises one of these; the CLI shows its one-line message instead of a traceback."""
+    from cache.reader import CacheError
+    from pipeline.checkpoint import CheckpointError
+    from pipeline.config import ConfigError
+    from pipeline.runlog import RunFolderError
+    return (CacheError, CheckpointError, ConfigError, RunFolderError)
+
+
+@main.command()
+@click.option("--recipe", required=True, help="Recipe name (CUB, SUN, AWA2, APY, FLO, CUB100, demo) or a .toml path.")
+@click.option("--cache", "cache_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Feature cache (.h5) written by `msdn extract` or TransZero's script.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run folder to create.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a recipe field, e.g. --set lambda_causal=0.3 (repeatable).")
+@click.option("--device", default="auto", show_default=True, help="auto = cuda if available, else cpu.")
+@click.option("--deterministic", is_flag=True, help="Deterministic algorithms (seeds are always fixed).")
+@click.option("--paper-protocol", is_flag=True,
+              help="Also report the released code's best-on-TEST numbers, labelled as such.")
+@click.option("--overwrite", is_flag=True, help="Reuse an --out folder that already holds a run.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train(recipe, cache_path, out_dir, overrides, device, deterministic, paper_protocol, overwrite, quiet):
+    """Train the MSDN++ heads on a feature cache; select on validation classes; report on test."""
+    from pipeline.config import apply_overrides, load_recipe
+    from pipeline.runlog import format_table
+    from pipeline.train import summary_rows
+    from pipeline.train import train as run_training
+
+    try:
+        config = apply_overrides(load_recipe(recipe), list(overrides))
+        summary = run_training(config, cache_path, out_dir, device=device, deterministic=deterministic,
+                               paper_protocol=paper_protocol, progress=not quiet, overwrite=overwrite)
+    except _stage2_errors() as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(format_table(summary_rows(summary)))
+    click.echo(f"run folder: {out_dir}")
+
+
+@main.command()
+@click.option("--checkpoint", required=True, type=click.Path(exists=True, dir_okay=False), help="best.pt or last.pt.")
+@click.option("--cache", "cache_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="The feature cache the checkpoint was trained on.")
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False), help="Optional run folder.")
+@click.option("--gamma", type=float, default=None, help="Calibrated-stacking gamma (default: the checkpoint's).")
+@click.option("--device", default="auto", show_default=True, help="auto = cuda if available, else cpu.")
+@click.option("--overwrite", is_flag=True, help="Reuse an --out folder that already holds a run.")
+def evaluate(checkpoint, cache_path, out_dir, gamma, device, overwrite):
+    """Evaluate a checkpoint on the test split of its cache (ZSL, GZSL U/S/H, AUSUC)."""
+    from pipeline.evaluate import evaluate as run_evaluation
+    from pipeline.evaluate import evaluation_rows
+    from pipeline.runlog import format_table
+
+    try:
+        summary = run_evaluation(checkpoint, cache_path, out_dir=out_dir, device=device, gamma=gamma,
+                                 overwrite=overwrite)
+    except _stage2_errors() as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(format_table(evaluation_rows(summary)))
+
+
 if __name__ == "__main__":
     main()

@@ -132,10 +132,15 @@ def seen_unseen_curve(scores_seen, labels_seen, scores_unseen, labels_unseen, se
     return SeenUnseenCurve(gammas, np.maximum(seen_acc, 0.0), unseen_acc)
 
 
-def gzsl_report(scores_seen, labels_seen, scores_unseen, labels_unseen, seen, unseen, gamma: float = 0.0) -> dict:
-    """ZSL, GZSL U/S/H at `gamma`, and AUSUC for one set of test (or validation) scores."""
+def gzsl_report(scores_seen, labels_seen, scores_unseen, labels_unseen, seen, unseen, gamma: float = 0.0,
+                with_curve: bool = False) -> dict:
+    """ZSL, GZSL U/S/H at `gamma`, AUSUC and the curve's best-H point ("best": gamma, U, S, H) for
+    one set of test (or validation) scores; "curve" too when asked."""
     u = gzsl_accuracy(scores_unseen, labels_unseen, seen, gamma)
     s = gzsl_accuracy(scores_seen, labels_seen, seen, gamma)
     curve = seen_unseen_curve(scores_seen, labels_seen, scores_unseen, labels_unseen, seen, unseen)
-    return {"ZSL": zsl_accuracy(scores_unseen, labels_unseen, unseen), "U": u, "S": s,
-            "H": harmonic_mean(u, s), "gamma": float(gamma), "AUSUC": curve.ausuc}
+    report = {"ZSL": zsl_accuracy(scores_unseen, labels_unseen, unseen), "U": u, "S": s,
+              "H": harmonic_mean(u, s), "gamma": float(gamma), "AUSUC": curve.ausuc, "best": curve.best()}
+    if with_curve:
+        report["curve"] = curve.to_dict()
+    return report

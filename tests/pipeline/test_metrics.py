@@ -88,4 +88,7 @@ def test_curve_matches_direct_evaluation_on_random_scores():
 
 def test_report_keys_and_values():
     rep = gzsl_report(*_tiny_case(), SEEN, UNSEEN, gamma=1.5)
-    assert rep == {"ZSL": 1.0, "U": 1.0, "S": 0.5, "H": pytest.approx(2 / 3), "gamma": 1.5, "AUSUC": 0.5}
+    best = {"gamma": 1.5, "U": 1.0, "S": 0.5, "H": pytest.approx(2 / 3)}
+    assert rep == {"ZSL": 1.0, "U": 1.0, "S": 0.5, "H": pytest.approx(2 / 3), "gamma": 1.5, "AUSUC": 0.5,
+                   "best": best}
+    assert gzsl_report(*_tiny_case(), SEEN, UNSEEN, with_curve=True)["curve"]["S"] == [1, .5, .5, 0]

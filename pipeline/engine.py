@@ -1,0 +1,152 @@
+"""The training loop and the scorer: what `pipeline/train.py` and `pipeline/evaluate.py` run.
+
+The loop never waits for the device inside a step: batches are sampled where the features live,
+losses accumulate on the device, and the host reads them back only every `log_every` steps.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from heads.msdn import MSDN
+from pipeline.metrics import gzsl_accuracy, gzsl_report, harmonic_mean
+from pipeline.samplers import build_sampler
+from pipeline.store import FeatureStore
+from pipeline.tasks import Task
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """"auto": bf16 autocast on CUDA (bf16 keeps fp32's range, so no loss scaling), none on CPU
+    (CPU bf16 matmuls are slower than fp32 on most machines)."""
+    if amp != "auto":
+        return amp
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "none"
+
+
+def autocast(amp: str, device: torch.device):
+    if amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp])
+
+
+@contextlib.contextmanager
+def deterministic_mode(enabled: bool):
+    """torch.use_deterministic_algorithms for the duration (restored afterwards)."""
+    if not enabled:
+        yield
+        return
+    previous = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0])
+        torch.backends.cudnn.benchmark = previous[1]
+
+
+def build_model(head_config, cache, task: Task, device: torch.device, seed: int) -> MSDN:
+    """MSDN over the task's classes (a validation model never knows the test classes)."""
+    torch.manual_seed(seed)  # parameter initialisation (W_1 ~ N(0, 1), random V) is part of the seed
+    att = torch.from_numpy(np.asarray(cache.att)[task.classes]).float()
+    w2v = None if cache.w2v_att is None else torch.from_numpy(np.asarray(cache.w2v_att)).float()
+    model = MSDN(head_config, att, w2v, torch.as_tensor(task.seen, dtype=torch.long),
+                 torch.as_tensor(task.unseen, dtype=torch.long), feature_dim=int(cache.feature_shape[0]))
+    return model.to(device)
+
+
+def build_optimizer(model: torch.nn.Module, config) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.RMSprop(params, lr=config.lr, weight_decay=config.weight_decay,
+                               momentum=config.momentum, alpha=config.alpha, eps=config.eps)
+
+
+def fit(model: MSDN, store: FeatureStore, train_rows: np.ndarray, train_labels: np.ndarray, config, *,
+        steps: int, amp: str, on_eval: Callable[[int, dict], None] | None = None, eval_every: int | None = None,
+        desc: str = "train", progress: bool = True) -> dict:
+    """Train `model` for `steps` RMSprop steps on the given rows; call `on_eval(step, losses)` every
+    `eval_every` steps. Returns {"steps", "seconds", "samples_per_s", "loss"}."""
+    device = store.device
+    positions = store.positions(train_rows)
+    labels_idx = torch.as_tensor(train_labels, dtype=torch.long, device=store.index_device)
+    sampler = build_sampler(config.sampler, labels_idx, config.batch_size, config.seed)
+    optimizer = build_optimizer(model, config)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    counterfactual = config.head.lambda_causal > 0  # lambda_causal = 0: exactly MSDN, no extra work
+    running, n_running, last = None, 0, {}
+    samples, total_samples, clock = 0, 0, time.perf_counter()
+    start = clock
+    bar = tqdm(total=steps, desc=desc, disable=not progress, dynamic_ncols=True, leave=False)
+    for step in range(1, steps + 1):
+        model.train()
+        picked = sampler()
+        features = store.gather(positions[picked])
+        labels = labels_idx[picked].to(device, non_blocking=True)
+        with autocast(amp, device):
+            out = model(features, counterfactual=counterfactual)
+            losses = model.loss(out, labels)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(losses["loss"]).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+        terms = torch.stack([v.detach().float() for v in losses.values()])
+        running = terms if running is None else running + terms
+        n_running += 1
+        samples += len(picked)
+        total_samples += len(picked)
+        if step % config.log_every == 0 or step == steps or (eval_every and step % eval_every == 0):
+            values = (running / n_running).tolist()  # the loop's only host synchronisation
+            now = time.perf_counter()
+            last = {k: float(v) for k, v in zip(losses.keys(), values)}
+            last["samples_per_s"] = samples / max(now - clock, 1e-9)
+            bar.set_postfix(loss=f"{last['loss']:.3f}", samples_s=f"{last['samples_per_s']:.0f}")
+            running, n_running, samples, clock = None, 0, 0, now
+        bar.update(1)
+        if on_eval is not None and eval_every and (step % eval_every == 0 or step == steps):
+            on_eval(step, dict(last))
+    bar.close()
+    seconds = time.perf_counter() - start
+    return {"steps": steps, "seconds": seconds, "samples_per_s": total_samples / max(seconds, 1e-9),
+            "loss": last.get("loss")}
+
+
+@torch.inference_mode()
+def predict_scores(model: MSDN, store: FeatureStore, rows: np.ndarray, *, batch_size: int, amp: str) -> torch.Tensor:
+    """Fused, biased class scores (N, K) in float32 for the cache rows, in large no-grad batches."""
+    model.eval()
+    chunks = []
+    for features in store.batches(store.positions(rows), batch_size):
+        with autocast(amp, store.device):
+            chunks.append(model.fused_scores(model(features)).float())
+    return torch.cat(chunks)
+
+
+def evaluate_task(model: MSDN, store: FeatureStore, task: Task, labels: np.ndarray, *, gamma: float,
+                  batch_size: int, amp: str, with_curve: bool = False) -> dict:
+    """ZSL, U/S/H at `gamma`, AUSUC, and the best-H point of the exact seen-unseen curve."""
+    scores_seen = predict_scores(model, store, task.eval_seen_rows, batch_size=batch_size, amp=amp)
+    scores_unseen = predict_scores(model, store, task.eval_unseen_rows, batch_size=batch_size, amp=amp)
+    y_seen = task.local_labels(labels[task.eval_seen_rows])
+    y_unseen = task.local_labels(labels[task.eval_unseen_rows])
+    report = gzsl_report(scores_seen, y_seen, scores_unseen, y_unseen, task.seen, task.unseen, gamma,
+                         with_curve=with_curve)
+    if gamma != 0.0:  # the heads' fixed +-bias alone, as the released evaluation
+        u, s = gzsl_accuracy(scores_unseen, y_unseen, task.seen), gzsl_accuracy(scores_seen, y_seen, task.seen)
+        report["gamma0"] = {"U": u, "S": s, "H": harmonic_mean(u, s)}
+    return report

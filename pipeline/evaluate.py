@@ -1,0 +1,58 @@
+"""`msdn evaluate`: score a checkpoint on the test split of the cache it was trained on."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from cache.reader import FeatureCache
+from heads.config import HeadConfig
+from pipeline.checkpoint import cache_identity, check_compatible, load_checkpoint
+from pipeline.config import TrainConfig
+from pipeline.engine import build_model, evaluate_task, resolve_amp, resolve_device
+from pipeline.runlog import RunLog, write_json_atomic
+from pipeline.store import FeatureStore
+from pipeline.tasks import benchmark_task, usable_splits
+
+
+def evaluate(checkpoint: str | Path, cache_path: str | Path, *, out_dir: str | Path | None = None,
+             device: str = "auto", gamma: float | None = None, amp: str | None = None,
+             batch_size: int | None = None, overwrite: bool = False) -> dict:
+    """ZSL, U/S/H at the checkpoint's gamma (or `gamma`), AUSUC, and the best-H point of the test
+    curve. Refuses a cache whose content key or class split differs from the training cache.
+    With `out_dir`, writes config.json, metrics.jsonl, summary.json and curve.json there."""
+    checkpoint, cache_path, device = Path(checkpoint), Path(cache_path), resolve_device(device)
+    ckpt = load_checkpoint(checkpoint)
+    config = TrainConfig.from_dict(ckpt["config"], where=f"{checkpoint} (embedded config)")
+    gamma = ckpt["gamma"] if gamma is None else float(gamma)
+    amp = resolve_amp(amp or config.amp, device)
+    batch_size = batch_size or config.eval_batch_size
+    with FeatureCache(cache_path) as cache:
+        identity = cache_identity(cache)
+        check_compatible(ckpt, identity, checkpoint, cache_path)
+        run = RunLog(out_dir, overwrite=overwrite) if out_dir is not None else None
+        labels = np.asarray(cache.labels)
+        task = benchmark_task(labels, usable_splits(cache)[0], num_classes=identity["num_classes"])
+        store = FeatureStore(cache, np.concatenate([task.eval_seen_rows, task.eval_unseen_rows]), device,
+                             config.feature_dtype, max_batch=batch_size)
+        model = build_model(HeadConfig.from_dict(ckpt["config"]["head"]), cache, task, device, config.seed)
+        model.load_state_dict(ckpt["model"])
+        report = evaluate_task(model, store, task, labels, gamma=gamma, batch_size=batch_size, amp=amp,
+                               with_curve=True)
+    curve = report.pop("curve")
+    summary = {"checkpoint": str(checkpoint), "cache": str(cache_path), "content_key": identity["content_key"],
+               "iteration": ckpt["iteration"], "device": str(device), "amp": amp,
+               "test": {k: report[k] for k in ("ZSL", "U", "S", "H", "AUSUC", "gamma")},
+               "test_gamma0": report.get("gamma0", {k: report[k] for k in ("U", "S", "H")}),
+               "best_gamma_on_test": report["best"], "recorded_at_training": ckpt["metrics"]}
+    if run is not None:
+        run.write_config({"checkpoint": str(checkpoint), "cache": str(cache_path), "gamma": gamma,
+                          "amp": amp, "device": str(device), "train_config": ckpt["config"]})
+        run.log({"phase": "test", "step": ckpt["iteration"], **report})
+        write_json_atomic(run.dir / "curve.json", {"split": "test", "step": ckpt["iteration"], **curve})
+        run.write_summary(summary)
+    return summary
+
+
+def evaluation_rows(summary: dict) -> dict[str, dict]:
+    return {"test": summary["test"], "test, gamma=0 (bias only)": {**summary["test_gamma0"], "gamma": 0.0}}

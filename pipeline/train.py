@@ -1,0 +1,170 @@
+"""`msdn train`: fit the MSDN++ heads on a feature cache and report ZSL / GZSL on its test split.
+
+Model selection never looks at the test set (selection = "val", the default):
+  1. validation run: train on trainval images of the xlsa17 train classes (minus a held-out fifth
+     of each class's images), validation classes (val_loc) playing unseen; every `eval_every`
+     steps compute the exact seen-unseen curve on the held-out images and keep the best-H point;
+  2. the step with the best validation H fixes the iteration count (select_iterations = true; else
+     the recipe's `iterations`) and its curve fixes gamma;
+  3. final run: the same recipe and seed on all of trainval for that many steps; evaluate the
+     test split once, at the selected gamma (and, for reference, at gamma = 0: the heads' fixed
+     +-1 bias alone, as the released evaluation).
+selection = "fixed" skips 1-2 and trains `iterations` steps with `gamma`.
+`paper_protocol` adds the released scripts' numbers, clearly labelled: the final run continues to
+the recipe's `iterations`, evaluates the test split every `eval_every` steps at gamma = 0, and
+reports the best H and the best ZSL accuracy seen (selection on the test set).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from cache.reader import CacheError, FeatureCache
+from pipeline.checkpoint import cache_identity, save_checkpoint
+from pipeline.config import TrainConfig
+from pipeline.engine import (build_model, deterministic_mode, evaluate_task, fit, resolve_amp,
+                             resolve_device)
+from pipeline.runlog import RunLog, write_json_atomic
+from pipeline.store import FeatureStore
+from pipeline.tasks import Task, benchmark_task, usable_splits, validation_task
+
+SCORE_KEYS = ("ZSL", "U", "S", "H", "AUSUC", "gamma")
+
+
+def train(config: TrainConfig, cache_path: str | Path, out_dir: str | Path, *, device: str = "auto",
+          deterministic: bool = False, paper_protocol: bool = False, progress: bool = True,
+          overwrite: bool = False) -> dict:
+    """Train, select, evaluate; write the run folder; return the summary dict (see summary.json)."""
+    device, cache_path, out_dir = resolve_device(device), Path(cache_path), Path(out_dir)
+    amp = resolve_amp(config.amp, device)
+    with FeatureCache(cache_path) as cache, deterministic_mode(deterministic):
+        labels = np.asarray(cache.labels)
+        splits, skipped = usable_splits(cache)
+        test = benchmark_task(labels, splits, num_classes=int(cache.att.shape[0]))
+        try:
+            val = validation_task(labels, splits, held_out_fraction=config.val_seen_fraction,
+                                  seed=config.seed) if config.selection == "val" else None
+        except ValueError as err:
+            raise CacheError(f"{cache_path}: {err} (or train with --set selection=fixed)") from None
+        identity = cache_identity(cache)
+        run = RunLog(out_dir, overwrite=overwrite)
+        run.write_config({**config.to_dict(), "run": {
+            "cache": str(cache_path), "cache_identity": identity, "device": str(device), "amp": amp,
+            "deterministic": deterministic, "paper_protocol": paper_protocol, "skipped_rows_dropped": skipped,
+            "tasks": [t.describe() for t in (val, test) if t is not None]}})
+        rows = np.concatenate([test.train_rows, test.eval_seen_rows, test.eval_unseen_rows])
+        store = FeatureStore(cache, rows, device, config.feature_dtype,
+                             max_batch=max(config.batch_size, config.eval_batch_size))
+        common = dict(cache=cache, store=store, labels=labels, amp=amp, run=run, progress=progress)
+        if val is not None:
+            selection = select_on_validation(config, val, **common)
+        else:
+            selection = {"mode": "fixed", "iteration": config.iterations, "gamma": config.gamma}
+        final = train_final(config, test, selection, identity, paper_protocol=paper_protocol, **common)
+
+    summary = {
+        "recipe": config.recipe, "cache": str(cache_path), "content_key": identity["content_key"],
+        "device": str(device), "amp": amp, "deterministic": deterministic,
+        "feature_store": {"resident_on_device": store.resident, "bytes": store.nbytes},
+        "protocol": ("gamma and iteration count selected on validation classes; test evaluated once"
+                     if val is not None else "fixed schedule and gamma; test evaluated once"),
+        "selection": selection, **final,
+        "checkpoints": {"best": str(out_dir / "best.pt"), "last": str(out_dir / "last.pt")},
+    }
+    run.write_summary(summary)
+    return summary
+
+
+def select_on_validation(config: TrainConfig, val: Task, *, cache, store, labels, amp, run, progress) -> dict:
+    model = build_model(config.head, cache, val, store.device, config.seed)
+    history = []
+
+    def on_eval(step: int, losses: dict) -> None:
+        report = evaluate_task(model, store, val, labels, gamma=config.gamma,
+                               batch_size=config.eval_batch_size, amp=amp)
+        record = {"phase": "val", "step": step, "losses": losses, **report}
+        run.log(record)
+        history.append(record)
+
+    timing = fit(model, store, val.train_rows, val.local_labels(labels[val.train_rows]), config,
+                 steps=config.iterations, amp=amp, on_eval=on_eval, eval_every=config.eval_every,
+                 desc="validation run", progress=progress)
+    # highest validation H (at its own best gamma); ties go to the earlier step
+    chosen = max(history, key=lambda r: (r["best"]["H"], -r["step"])) if config.select_iterations else history[-1]
+    return {"mode": "val", "iteration": chosen["step"], "gamma": chosen["best"]["gamma"],
+            "validation": {k: chosen[k] for k in ("ZSL", "AUSUC", "best")}, "task": val.describe(),
+            "seconds": timing["seconds"]}
+
+
+def train_final(config: TrainConfig, test: Task, selection: dict, identity: dict, *, cache, store, labels,
+                amp, run, progress, paper_protocol: bool) -> dict:
+    model = build_model(config.head, cache, test, store.device, config.seed)
+    chosen, gamma = selection["iteration"], selection["gamma"]
+    steps = max(chosen, config.iterations) if paper_protocol else chosen
+    out, paper = {}, {"best_H": None, "best_ZSL": None}
+
+    def checkpoint(name: str, step: int, report: dict) -> None:
+        save_checkpoint(run.dir / name, model=model, config=config.to_dict(), identity=identity,
+                        gamma=gamma, iteration=step, metrics=_scores(report))
+
+    def on_eval(step: int, losses: dict) -> None:
+        if step == chosen:
+            report = evaluate_task(model, store, test, labels, gamma=gamma, batch_size=config.eval_batch_size,
+                                   amp=amp, with_curve=True)
+            write_json_atomic(run.dir / "curve.json", {"split": "test", "step": step, **report.pop("curve")})
+            run.log({"phase": "test", "step": step, "selected": True, "losses": losses, **report})
+            out["test"] = {**_scores(report), "iteration": step, "best_gamma_on_test": report["best"]}
+            out["test_gamma0"] = report.get("gamma0", {k: report[k] for k in ("U", "S", "H")})
+            checkpoint("best.pt", step, report)
+        if paper_protocol and (step % config.eval_every == 0 or step == steps):
+            report = evaluate_task(model, store, test, labels, gamma=0.0, batch_size=config.eval_batch_size, amp=amp)
+            run.log({"phase": "test-paper-protocol", "step": step, "losses": losses, **report})
+            if paper["best_H"] is None or report["H"] > paper["best_H"]["H"]:
+                paper["best_H"] = {**_scores(report), "iteration": step}
+            if paper["best_ZSL"] is None or report["ZSL"] > paper["best_ZSL"]["ZSL"]:
+                paper["best_ZSL"] = {"ZSL": report["ZSL"], "iteration": step}
+        if step == steps:
+            report = out["test"] if step == chosen else evaluate_task(
+                model, store, test, labels, gamma=gamma, batch_size=config.eval_batch_size, amp=amp)
+            if step != chosen:
+                run.log({"phase": "test-last", "step": step, "losses": losses, **report})
+                out["test_last"] = {**_scores(report), "iteration": step}
+            checkpoint("last.pt", step, report)
+
+    timing = fit(model, store, test.train_rows, labels[test.train_rows], config, steps=steps, amp=amp,
+                 on_eval=on_eval, eval_every=_eval_every(config, chosen, paper_protocol),
+                 desc="final run", progress=progress)
+    out["timing"] = {"final_seconds": timing["seconds"], "samples_per_s": timing["samples_per_s"]}
+    if paper_protocol:
+        out["paper_protocol"] = {**paper, "note": "selected on the TEST set (best of every evaluation), as the "
+                                 "released MSDN scripts report; not an unbiased estimate"}
+    return out
+
+
+def _eval_every(config: TrainConfig, chosen: int, paper_protocol: bool) -> int:
+    """Callback steps: the selected step must be one (it is a multiple of eval_every or the last)."""
+    if paper_protocol or chosen % config.eval_every == 0:
+        return config.eval_every
+    return chosen
+
+
+def _scores(report: dict) -> dict:
+    return {k: report[k] for k in SCORE_KEYS if k in report}
+
+
+def summary_rows(summary: dict) -> dict[str, dict]:
+    """Named result rows for the printed table."""
+    rows = {}
+    sel = summary.get("selection", {})
+    if sel.get("mode") == "val":
+        v = sel["validation"]
+        rows["validation (selected)"] = {"ZSL": v["ZSL"], "AUSUC": v["AUSUC"], **v["best"]}
+    if "test" in summary:
+        rows["test"] = summary["test"]
+        rows["test, gamma=0 (bias only)"] = {**summary["test_gamma0"], "gamma": 0.0}
+    paper = summary.get("paper_protocol")
+    if paper:
+        rows["paper protocol: best H on test"] = paper["best_H"]
+        rows["paper protocol: best ZSL on test"] = {"ZSL": paper["best_ZSL"]["ZSL"]}
+    return rows
