@@ -16,6 +16,8 @@ vector size, (C, H, W) = the backbone's feature map shape.
     original_att     (C_cls, A)     float32      raw class attributes (AWA: -1 = missing)
     w2v_att          (A, D)         float32      attribute word vectors; ABSENT when the dataset has none
     image_paths      (N,)           utf-8 str    image path relative to the dataset root
+    image_bytes      (N,)           int64        image file size when extracted: `--resume` recomputes
+                                                 the rows whose image changed since (see engine)
     done             (N,)           bool         row i holds valid features (set only after its data
                                                  was written and flushed)
     skipped          (N,)           bool         row i's image was unreadable under --skip-bad: its
@@ -57,6 +59,7 @@ ATT = "att"
 ORIGINAL_ATT = "original_att"
 W2V = "w2v_att"
 IMAGE_PATHS = "image_paths"
+IMAGE_BYTES = "image_bytes"
 DONE = "done"
 SKIPPED = "skipped"
 MANIFEST_ATTR = "manifest"
@@ -84,7 +87,7 @@ def compression_options(compression: str) -> dict:
 
 
 def create_cache_file(path: str | Path, *, dataset, feature_shape: tuple[int, int, int], dtype: str,
-                      compression: str, manifest: dict) -> Path:
+                      compression: str, manifest: dict, image_bytes: np.ndarray | None = None) -> Path:
     """Create `path` with every key, metadata filled in and no row done. Atomic: the file appears
     under its name only once fully written."""
     path = Path(path)
@@ -104,6 +107,8 @@ def create_cache_file(path: str | Path, *, dataset, feature_shape: tuple[int, in
         if dataset.w2v_att is not None:
             f.create_dataset(W2V, data=dataset.w2v_att.astype(np.float32))
         f.create_dataset(IMAGE_PATHS, data=list(dataset.image_paths), dtype=h5py.string_dtype("utf-8"))
+        sizes = np.full(n, -1, np.int64) if image_bytes is None else np.asarray(image_bytes, np.int64)
+        f.create_dataset(IMAGE_BYTES, data=sizes)
         # Allocated now (data=...), so that marking rows later only rewrites bytes in place.
         f.create_dataset(DONE, data=np.zeros(n, dtype=bool))
         f.create_dataset(SKIPPED, data=np.zeros(n, dtype=bool))

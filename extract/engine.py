@@ -22,19 +22,15 @@ import torch
 from tqdm import tqdm
 
 from cache.layout import DTYPES, create_cache_file, partial_path
-from cache.reader import CacheError, FeatureCache
 from extract.backbones import BackboneSpec, build_backbone, build_transform, describe, feature_shape
 from extract.datasets.base import DatasetError, ImageDataset
 from extract.loader import ImageRows, default_batch_size, default_num_workers, make_loader
-from extract.manifest import build_manifest
-from extract.writer import CacheWriter
+from extract.manifest import build_manifest, image_file_sizes
+from extract.reuse import check_existing
+from extract.writer import CacheWriter, ExtractError  # noqa: F401 (ExtractError is part of this API)
 
 _SHOW_MISSING = 5
 _TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
-
-
-class ExtractError(RuntimeError):
-    """The extraction cannot start or go on; the message names the file and what to do."""
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -64,12 +60,16 @@ def extract_features(dataset: ImageDataset, spec: BackboneSpec, out_path: str | 
 
     preflight_images(dataset)
     amp = _autocast_dtype(device, dtype)
+    image_bytes = image_file_sizes(dataset)
     manifest = build_manifest(dataset, spec, dtype=dtype, compression=compression, compute={
         "device": device.type, "autocast": str(amp).replace("torch.", "") if amp else None,
-        "channels_last": True, "batch_size": batch_size}, backbone_description=describe(spec))
-    if _up_to_date(out, manifest["content_key"], overwrite, resume, partial, log):
+        "channels_last": True, "batch_size": batch_size}, backbone_description=describe(spec),
+        image_sizes=image_bytes)
+    if check_existing(out, partial, manifest, image_bytes, resume=resume, overwrite=overwrite, log=log):
         return out
-    _prepare_partial(partial, manifest, dataset, spec, resume, overwrite, log)
+    if not partial.exists():
+        create_cache_file(partial, dataset=dataset, feature_shape=feature_shape(spec), dtype=dtype,
+                          compression=compression, manifest=manifest, image_bytes=image_bytes)
 
     with CacheWriter(partial) as writer:
         todo = writer.todo_rows()
@@ -164,52 +164,3 @@ def preflight_images(dataset: ImageDataset) -> None:
         shown = ", ".join(missing[:_SHOW_MISSING]) + (", ..." if len(missing) > _SHOW_MISSING else "")
         raise DatasetError(f"dataset {dataset.name!r}: {len(missing)} of {dataset.num_images} image files missing "
                            f"under {dataset.root} (wrong --data-root?): {shown}")
-
-
-def _up_to_date(out: Path, key: str, overwrite: bool, resume: bool, partial: Path, log) -> bool:
-    """True when `out` already holds these inputs' features. A finished file with skipped rows goes
-    back to being a partial one under resume, so that those rows are retried."""
-    if not out.exists() or overwrite:
-        return False
-    try:
-        with FeatureCache(out) as cache:
-            stored, skipped = cache.content_key, int(cache.skipped.sum())
-    except CacheError as err:
-        raise ExtractError(f"{out}: exists but is not a readable feature cache ({err}); pass --overwrite "
-                           "to replace it") from None
-    if stored != key:
-        raise ExtractError(f"{out}: exists with features of other inputs (content key {str(stored)[:12]}... != "
-                           f"{key[:12]}...); pass --overwrite to replace it or choose another --out")
-    if skipped and resume:
-        log(f"{out}: retrying {skipped} skipped row(s)")
-        os.replace(out, partial)
-        return False
-    log(f"{out}: up to date (content key {key[:12]}...), nothing to do"
-        + (f"; {skipped} row(s) were skipped, --resume retries them" if skipped else ""))
-    return True
-
-
-def _prepare_partial(partial: Path, manifest: dict, dataset, spec, resume: bool, overwrite: bool, log) -> None:
-    if partial.exists() and overwrite:
-        partial.unlink()
-    if partial.exists():
-        key = _stored_key(partial)
-        if not resume:
-            raise ExtractError(f"{partial}: an unfinished extraction is there; pass --resume to continue it "
-                               "or --overwrite to start again")
-        if key != manifest["content_key"]:
-            raise ExtractError(f"{partial}: the unfinished extraction there used other inputs; pass --overwrite "
-                               "to start again with these")
-        log(f"resuming {partial}")
-        return
-    create_cache_file(partial, dataset=dataset, feature_shape=feature_shape(spec), dtype=manifest["dtype"],
-                      compression=manifest["compression"], manifest=manifest)
-
-
-def _stored_key(path: Path) -> str | None:
-    try:
-        with FeatureCache(path) as cache:
-            return cache.content_key
-    except CacheError as err:
-        raise ExtractError(f"{path}: cannot read the unfinished extraction ({err}); delete it or pass "
-                           "--overwrite") from None

@@ -18,7 +18,11 @@ import numpy as np
 from cache.layout import CONTENT_KEY_ATTR, DONE, FEATURES, LIBVER, SKIPPED, is_writer_flag_error
 
 
-class CacheWriteError(RuntimeError):
+class ExtractError(RuntimeError):
+    """The extraction cannot start or go on; the message names the file and what to do."""
+
+
+class CacheWriteError(ExtractError):
     """The partial file cannot be opened or continued; the message names it."""
 
 
@@ -27,7 +31,7 @@ class CacheWriter:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.file = _open_for_writing(self.path)
+        self.file = open_for_writing(self.path)
         self.file.swmr_mode = True
         self.features = self.file[FEATURES]
         self._done_ds, self._skipped_ds = self.file[DONE], self.file[SKIPPED]
@@ -89,7 +93,7 @@ def _runs(rows: np.ndarray):
         yield int(rows[lo]), int(rows[hi - 1]) + 1, int(lo)
 
 
-def _open_for_writing(path: Path) -> h5py.File:
+def open_for_writing(path: Path) -> h5py.File:
     try:
         return h5py.File(path, "r+", libver=LIBVER)
     except OSError as err:

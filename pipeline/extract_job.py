@@ -8,10 +8,9 @@ from cache.reader import CacheError
 from extract.backbones import BackboneSpec, BackboneWeightsError
 from extract.datasets import DatasetError, build_dataset, canonical_name
 from extract.engine import ExtractError, extract_features
-from extract.writer import CacheWriteError
 
 # Errors that mean "bad input or state, say it in one line" (no traceback in the CLI).
-EXTRACT_ERRORS = (DatasetError, BackboneWeightsError, ExtractError, CacheWriteError, CacheError)
+EXTRACT_ERRORS = (DatasetError, BackboneWeightsError, ExtractError, CacheError)
 
 
 @dataclass
