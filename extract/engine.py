@@ -45,9 +45,11 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 def extract_features(dataset: ImageDataset, spec: BackboneSpec, out_path: str | Path, *,
                      batch_size: int | None = None, device: str = "auto", dtype: str = "float16",
                      compression: str = "lzf", resume: bool = False, skip_bad: bool = False,
-                     overwrite: bool = False, num_workers: int | None = None, progress: bool = True,
-                     log=None) -> Path:
-    """Extract `dataset` with backbone `spec` into `out_path`; returns the path of the finished file."""
+                     overwrite: bool = False, num_workers: int | None = None, num_threads: int | None = None,
+                     progress: bool = True, log=None) -> Path:
+    """Extract `dataset` with backbone `spec` into `out_path`; returns the path of the finished file.
+    `num_threads`: torch CPU threads during the run (default: the current count less the decoding
+    workers, so that the two never fight over the cores)."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     out, partial = Path(out_path), partial_path(out_path)
     if dtype not in DTYPES:
@@ -77,12 +79,16 @@ def extract_features(dataset: ImageDataset, spec: BackboneSpec, out_path: str | 
             log(f"extracting {len(todo)} of {writer.num_images} images of {dataset.name} with {spec.name} "
                 f"@{spec.image_size}px on {device} (batch {batch_size}, {num_workers} workers"
                 f"{', autocast ' + str(amp).replace('torch.', '') if amp else ''}) -> {partial}")
+            threads = torch.get_num_threads()
+            torch.set_num_threads(num_threads or max(1, threads - num_workers))
             try:
                 _run(dataset, spec, writer, todo, batch_size=batch_size, device=device, amp=amp,
                      dtype=_TORCH_DTYPES[dtype], num_workers=num_workers, skip_bad=skip_bad, progress=progress)
             except KeyboardInterrupt:
                 log(f"interrupted: {int(writer.done.sum())} rows done are kept in {partial}; continue with --resume")
                 raise
+            finally:
+                torch.set_num_threads(threads)
         skipped = int(writer.skipped.sum())
         finished = bool((writer.done | writer.skipped).all())
     if not finished:  # cannot happen unless rows changed under us; keep the partial for --resume
