@@ -73,7 +73,7 @@ def extract_features(dataset: ImageDataset, spec: BackboneSpec, out_path: str | 
         create_cache_file(partial, dataset=dataset, feature_shape=feature_shape(spec), dtype=dtype,
                           compression=compression, manifest=manifest, image_bytes=image_bytes)
 
-    with CacheWriter(partial) as writer:
+    with CacheWriter(partial, codec_threads=_codec_threads(device)) as writer:
         todo = writer.todo_rows()
         if len(todo):
             log(f"extracting {len(todo)} of {writer.num_images} images of {dataset.name} with {spec.name} "
@@ -110,35 +110,39 @@ def _run(dataset, spec, writer: CacheWriter, todo: np.ndarray, *, batch_size, de
     images = ImageRows(dataset.root, dataset.image_paths, todo, build_transform(spec), spec.image_size)
     loader = make_loader(images, batch_size, num_workers, device)
     bar = tqdm(total=len(todo), unit="img", disable=not progress, dynamic_ncols=True, smoothing=0.1)
-    pending = None  # the previous batch, whose device->host copy may still be running
+    pending = None  # the previous batch: written while the device computes the next one
     try:
         for rows, batch, errors in loader:
-            maps = _forward(model, batch, device, amp, dtype)
+            maps, ready = _forward(model, batch, device, amp, dtype)
             if pending is not None:
                 _store(writer, *pending, images, skip_bad, bar)
-            pending = (rows.numpy(), maps, list(errors))
+            pending = (rows.numpy(), maps, ready, list(errors))
         if pending is not None:
             _store(writer, *pending, images, skip_bad, bar)
     finally:
         bar.close()
 
 
-def _forward(model, batch: torch.Tensor, device, amp, dtype) -> torch.Tensor:
-    """Start the forward pass and an asynchronous copy of the maps into pinned host memory."""
+def _forward(model, batch: torch.Tensor, device, amp, dtype):
+    """Run the backbone; on CUDA only enqueue it, with a copy of the maps into pinned host memory,
+    and return the event that says when that copy has landed."""
     autocast = torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext()
     with torch.inference_mode(), autocast:
         x = batch.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        maps = model(x).to(dtype).contiguous()
-    if device.type != "cuda":
-        return maps
-    host = torch.empty(maps.shape, dtype=maps.dtype, pin_memory=True)
-    return host.copy_(maps, non_blocking=True)
+        maps = model(x).to(dtype).contiguous()  # NCHW rows, as stored
+        if device.type != "cuda":
+            return maps, None
+        host = torch.empty(maps.shape, dtype=maps.dtype, pin_memory=True)
+        host.copy_(maps, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready
 
 
-def _store(writer: CacheWriter, rows: np.ndarray, maps: torch.Tensor, errors: list[str], images: ImageRows,
-           skip_bad: bool, bar) -> None:
-    if maps.is_pinned():
-        torch.cuda.current_stream().synchronize()  # the non_blocking copy into `maps` has landed
+def _store(writer: CacheWriter, rows: np.ndarray, maps: torch.Tensor, ready, errors: list[str],
+           images: ImageRows, skip_bad: bool, bar) -> None:
+    if ready is not None:
+        ready.synchronize()  # this batch's copy has landed; the next batch may still be computing
     good = np.array([not e for e in errors], dtype=bool)
     if good.any():
         writer.write(rows[good], maps.numpy()[good])
@@ -155,6 +159,12 @@ def _store(writer: CacheWriter, rows: np.ndarray, maps: torch.Tensor, errors: li
     for k in np.flatnonzero(~good):
         bar.write(f"skipped {images.path(int(rows[k]))}: {errors[k]}")
     bar.update(len(bad_rows))
+
+
+def _codec_threads(device: torch.device) -> int:
+    """Compression keeps pace with a GPU only on several cores; on a CPU the forward pass dominates."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(2, min(8, cores // 2)) if device.type == "cuda" else 1
 
 
 def _autocast_dtype(device: torch.device, dtype: str):

@@ -16,6 +16,7 @@ import h5py
 import numpy as np
 
 from cache.layout import CONTENT_KEY_ATTR, DONE, FEATURES, LIBVER, SKIPPED, is_writer_flag_error
+from extract.chunk_codec import ChunkCodec
 
 
 class ExtractError(RuntimeError):
@@ -27,13 +28,15 @@ class CacheWriteError(ExtractError):
 
 
 class CacheWriter:
-    """Open a partial cache file for writing rows (context manager)."""
+    """Open a partial cache file for writing rows (context manager). `codec_threads` compress rows
+    in parallel (extract/chunk_codec.py)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, codec_threads: int = 1):
         self.path = Path(path)
         self.file = open_for_writing(self.path)
         self.file.swmr_mode = True
         self.features = self.file[FEATURES]
+        self.codec = ChunkCodec(self.features, codec_threads)
         self._done_ds, self._skipped_ds = self.file[DONE], self.file[SKIPPED]
         self.done = self._done_ds[:]          # in-memory mirrors: the file is the source of truth
         self.skipped = self._skipped_ds[:]
@@ -53,8 +56,13 @@ class CacheWriter:
     def write(self, rows: np.ndarray, features: np.ndarray) -> None:
         """Store features[k] in row rows[k], then mark those rows done (in that order)."""
         rows = np.asarray(rows, dtype=np.int64)
-        for start, stop, offset in _runs(rows):
-            self.features[start:stop] = features[offset:offset + stop - start]
+        if self.codec.direct:
+            tail = (0,) * (self.features.ndim - 1)
+            for row, (mask, chunk) in zip(rows.tolist(), self.codec.encode_rows(features)):
+                self.features.id.write_direct_chunk((row, *tail), chunk, mask)
+        else:
+            for start, stop, offset in _runs(rows):
+                self.features[start:stop] = features[offset:offset + stop - start]
         self.file.flush()
         self._set(self._done_ds, self.done, rows, True)
         if self.skipped[rows].any():
@@ -74,6 +82,7 @@ class CacheWriter:
             dataset[start:stop] = mirror[start:stop]
 
     def close(self) -> None:
+        self.codec.close()
         if self.file.id.valid:
             self.file.close()
 
