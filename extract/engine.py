@@ -9,6 +9,10 @@
    the previous one is written), and each batch is written and flushed as it comes: memory stays flat.
 3. Work happens in `<out>.partial`, renamed to `<out>` when every row is done or skipped, so `<out>`
    only ever appears complete. An interrupted run (Ctrl-C, kill -9) continues with resume=True.
+
+An unreadable image stops the run with an error naming the file (the good rows of its batch and all
+before are kept); with skip_bad=True its row is recorded in `skipped` (features zero, done False, so
+the cache is not `complete` and readers must use `done_splits()`), and resume=True retries it.
 """
 from __future__ import annotations
 
@@ -21,13 +25,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cache.layout import DTYPES, create_cache_file, partial_path
+from cache.layout import COMPRESSIONS, DTYPES, create_cache_file, partial_path
 from extract.backbones import BackboneSpec, build_backbone, build_transform, describe, feature_shape
 from extract.datasets.base import DatasetError, ImageDataset
 from extract.loader import ImageRows, default_batch_size, default_num_workers, make_loader
 from extract.manifest import build_manifest, image_file_sizes
 from extract.reuse import check_existing
-from extract.writer import CacheWriter, ExtractError  # noqa: F401 (ExtractError is part of this API)
+from extract.writer import CacheWriter, ExtractError
 
 _SHOW_MISSING = 5
 _TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -52,8 +56,9 @@ def extract_features(dataset: ImageDataset, spec: BackboneSpec, out_path: str | 
     workers, so that the two never fight over the cores)."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     out, partial = Path(out_path), partial_path(out_path)
-    if dtype not in DTYPES:
-        raise ExtractError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if dtype not in DTYPES or compression not in COMPRESSIONS:
+        raise ExtractError(f"dtype must be one of {sorted(DTYPES)} and compression one of {COMPRESSIONS}, "
+                           f"got {dtype!r} and {compression!r}")
     device = resolve_device(device)
     batch_size = batch_size or default_batch_size(spec.name, spec.image_size, device)
     num_workers = default_num_workers(device) if num_workers is None else num_workers
@@ -79,16 +84,14 @@ def extract_features(dataset: ImageDataset, spec: BackboneSpec, out_path: str | 
             log(f"extracting {len(todo)} of {writer.num_images} images of {dataset.name} with {spec.name} "
                 f"@{spec.image_size}px on {device} (batch {batch_size}, {num_workers} workers"
                 f"{', autocast ' + str(amp).replace('torch.', '') if amp else ''}) -> {partial}")
-            threads = torch.get_num_threads()
-            torch.set_num_threads(num_threads or max(1, threads - num_workers))
             try:
-                _run(dataset, spec, writer, todo, batch_size=batch_size, device=device, amp=amp,
-                     dtype=_TORCH_DTYPES[dtype], num_workers=num_workers, skip_bad=skip_bad, progress=progress)
+                with _torch_threads(num_threads or max(1, torch.get_num_threads() - num_workers)):
+                    _run(dataset, spec, writer, todo, batch_size=batch_size, device=device, amp=amp,
+                         dtype=_TORCH_DTYPES[dtype], num_workers=num_workers, skip_bad=skip_bad,
+                         progress=progress)
             except KeyboardInterrupt:
                 log(f"interrupted: {int(writer.done.sum())} rows done are kept in {partial}; continue with --resume")
                 raise
-            finally:
-                torch.set_num_threads(threads)
         skipped = int(writer.skipped.sum())
         finished = bool((writer.done | writer.skipped).all())
     if not finished:  # cannot happen unless rows changed under us; keep the partial for --resume
@@ -159,6 +162,17 @@ def _store(writer: CacheWriter, rows: np.ndarray, maps: torch.Tensor, ready, err
     for k in np.flatnonzero(~good):
         bar.write(f"skipped {images.path(int(rows[k]))}: {errors[k]}")
     bar.update(len(bad_rows))
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    """Leave cores to the decoding workers: oversubscribed OpenMP threads stall each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _codec_threads(device: torch.device) -> int:

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from cache.layout import LIBVER, compression_options, create_cache_file
-from extract import chunk_codec
 from cache.reader import FeatureCache
+from extract import chunk_codec
 from extract.chunk_codec import ChunkCodec
 from extract.writer import CacheWriter
 from tests.extract.engine_data import image_dataset
