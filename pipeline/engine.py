@@ -80,7 +80,8 @@ def fit(model: MSDN, store: FeatureStore, train_rows: np.ndarray, train_labels: 
         steps: int, amp: str, on_eval: Callable[[int, dict], None] | None = None, eval_every: int | None = None,
         desc: str = "train", progress: bool = True) -> dict:
     """Train `model` for `steps` RMSprop steps on the given rows; call `on_eval(step, losses)` every
-    `eval_every` steps. Returns {"steps", "seconds", "samples_per_s", "loss"}."""
+    `eval_every` steps (and at the last). Returns {"steps", "seconds" (training only),
+    "eval_seconds", "samples_per_s", "loss" (mean of the last logging interval)}."""
     device = store.device
     positions = store.positions(train_rows)
     labels_idx = torch.as_tensor(train_labels, dtype=torch.long, device=store.index_device)
@@ -89,7 +90,7 @@ def fit(model: MSDN, store: FeatureStore, train_rows: np.ndarray, train_labels: 
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     counterfactual = config.head.lambda_causal > 0  # lambda_causal = 0: exactly MSDN, no extra work
     running, n_running, last = None, 0, {}
-    samples, total_samples, clock = 0, 0, time.perf_counter()
+    samples, total_samples, eval_seconds, clock = 0, 0, 0.0, time.perf_counter()
     start = clock
     bar = tqdm(total=steps, desc=desc, disable=not progress, dynamic_ncols=True, leave=False)
     for step in range(1, steps + 1):
@@ -119,11 +120,14 @@ def fit(model: MSDN, store: FeatureStore, train_rows: np.ndarray, train_labels: 
             running, n_running, samples, clock = None, 0, 0, now
         bar.update(1)
         if on_eval is not None and eval_every and (step % eval_every == 0 or step == steps):
+            eval_start = time.perf_counter()
             on_eval(step, dict(last))
+            clock = time.perf_counter()  # evaluation time does not count as training time
+            eval_seconds += clock - eval_start
     bar.close()
-    seconds = time.perf_counter() - start
-    return {"steps": steps, "seconds": seconds, "samples_per_s": total_samples / max(seconds, 1e-9),
-            "loss": last.get("loss")}
+    seconds = time.perf_counter() - start - eval_seconds
+    return {"steps": steps, "seconds": seconds, "eval_seconds": eval_seconds,
+            "samples_per_s": total_samples / max(seconds, 1e-9), "loss": last.get("loss")}
 
 
 @torch.inference_mode()

@@ -94,7 +94,7 @@ def select_on_validation(config: TrainConfig, val: Task, *, cache, store, labels
     chosen = max(history, key=lambda r: (r["best"]["H"], -r["step"])) if config.select_iterations else history[-1]
     return {"mode": "val", "iteration": chosen["step"], "gamma": chosen["best"]["gamma"],
             "validation": {k: chosen[k] for k in ("ZSL", "AUSUC", "best")}, "task": val.describe(),
-            "seconds": timing["seconds"]}
+            "train_seconds": timing["seconds"], "eval_seconds": timing["eval_seconds"]}
 
 
 def train_final(config: TrainConfig, test: Task, selection: dict, identity: dict, *, cache, store, labels,
@@ -132,21 +132,17 @@ def train_final(config: TrainConfig, test: Task, selection: dict, identity: dict
                 out["test_last"] = {**_scores(report), "iteration": step}
             checkpoint("last.pt", step, report)
 
-    timing = fit(model, store, test.train_rows, labels[test.train_rows], config, steps=steps, amp=amp,
-                 on_eval=on_eval, eval_every=_eval_every(config, chosen, paper_protocol),
+    timing = fit(model, store, test.train_rows, test.local_labels(labels[test.train_rows]), config,
+                 steps=steps, amp=amp, on_eval=on_eval,
+                 # the selected step is a multiple of eval_every or the recipe's last step
+                 eval_every=config.eval_every if paper_protocol else chosen,
                  desc="final run", progress=progress)
-    out["timing"] = {"final_seconds": timing["seconds"], "samples_per_s": timing["samples_per_s"]}
+    out["timing"] = {"final_train_seconds": timing["seconds"], "final_eval_seconds": timing["eval_seconds"],
+                     "samples_per_s": timing["samples_per_s"]}
     if paper_protocol:
         out["paper_protocol"] = {**paper, "note": "selected on the TEST set (best of every evaluation), as the "
                                  "released MSDN scripts report; not an unbiased estimate"}
     return out
-
-
-def _eval_every(config: TrainConfig, chosen: int, paper_protocol: bool) -> int:
-    """Callback steps: the selected step must be one (it is a multiple of eval_every or the last)."""
-    if paper_protocol or chosen % config.eval_every == 0:
-        return config.eval_every
-    return chosen
 
 
 def _scores(report: dict) -> dict:
