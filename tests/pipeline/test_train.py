@@ -94,3 +94,12 @@ def test_an_existing_run_folder_is_not_overwritten(paper_run, tiny_cache):
     with pytest.raises(RunFolderError, match="already holds a run"):
         train(tiny_config(iterations=5, eval_every=5), tiny_cache, out, progress=False)
     assert (out / "metrics.jsonl").read_text() == before
+
+
+def test_a_transzero_layout_cache_trains_with_a_derived_validation_split(tmp_path):
+    # TransZero's files: no content key, no train_loc/val_loc, float32 gzip
+    cache = write_tiny_cache(tmp_path / "transzero.h5", content_key=None, with_val_split=False)
+    summary = train(tiny_config(iterations=10, eval_every=5), cache, tmp_path / "tz", progress=False)
+    assert summary["content_key"].startswith("data-sha256:")
+    assert "derived" in summary["selection"]["task"]["note"]
+    assert evaluate(tmp_path / "tz" / "best.pt", cache)["test"]["H"] == summary["test"]["H"]
