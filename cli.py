@@ -113,5 +113,28 @@ def evaluate(checkpoint, cache_path, out_dir, gamma, device, overwrite):
     click.echo(format_table(evaluation_rows(summary)))
 
 
+@main.command()
+@click.option("--out", "out_dir", default="runs/demo", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for the rendered images, the feature cache and the run.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a field of the demo recipe, e.g. --set lambda_causal=0.3 (repeatable).")
+@click.option("--device", default="auto", show_default=True, help="auto = cuda if available, else cpu.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def demo(out_dir, overrides, device, quiet):
+    """Render the demo set, extract features, train, evaluate, print the results table."""
+    from pipeline.demo import run_demo
+    from pipeline.evaluate import evaluation_rows
+    from pipeline.extract_job import EXTRACT_ERRORS
+    from pipeline.runlog import format_table
+
+    try:
+        result = run_demo(out_dir, device=device, overrides=overrides, progress=not quiet, log=click.echo)
+    except EXTRACT_ERRORS + _stage2_errors() as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(format_table(evaluation_rows(result["evaluate"])))
+    timing = ", ".join(f"{k} {v:.0f}s" for k, v in result["seconds"].items())
+    click.echo(f"run folder: {result['run']}  ({timing})")
+
+
 if __name__ == "__main__":
     main()
