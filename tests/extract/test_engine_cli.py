@@ -149,6 +149,16 @@ def test_wrong_paths_are_one_line_errors(data_root, shared_data, tmp_path, optio
     assert code == 1 and len(lines) == 1 and lines[0].startswith("Error:") and message in lines[0]
 
 
+def test_mismatched_word_vectors_are_one_line(data_root, shared_data, tmp_path):
+    w2v = tmp_path / "w2v"
+    w2v.mkdir()
+    np.save(w2v / "CUB_attribute_w2v.npy", np.zeros((311, 300)))       # CUB has 312 attributes
+    args = cli_args(data_root, shared_data, tmp_path / "x.h5")
+    args[args.index("--w2v-root") + 1] = str(w2v)
+    code, lines = _invoke(args)
+    assert code == 1 and len(lines) == 1 and "(311, 300)" in lines[0] and "CUB_attribute_w2v.npy" in lines[0]
+
+
 def test_bad_image_via_cli_names_the_file(data_root, shared_data, tmp_path):
     victim = sorted((data_root / "cub100_subset" / "images").rglob("*.jpg"))[3]
     original = victim.read_bytes()
