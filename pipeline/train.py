@@ -90,11 +90,16 @@ def select_on_validation(config: TrainConfig, val: Task, *, cache, store, labels
     timing = fit(model, store, val.train_rows, val.local_labels(labels[val.train_rows]), config,
                  steps=config.iterations, amp=amp, on_eval=on_eval, eval_every=config.eval_every,
                  desc="validation run", progress=progress)
-    # highest validation H (at its own best gamma); ties go to the earlier step
-    chosen = max(history, key=lambda r: (r["best"]["H"], -r["step"])) if config.select_iterations else history[-1]
+    chosen = choose_evaluation(history) if config.select_iterations else history[-1]
     return {"mode": "val", "iteration": chosen["step"], "gamma": chosen["best"]["gamma"],
             "validation": {k: chosen[k] for k in ("ZSL", "AUSUC", "best")}, "task": val.describe(),
             "train_seconds": timing["seconds"], "eval_seconds": timing["eval_seconds"]}
+
+
+def choose_evaluation(history: list[dict]) -> dict:
+    """Highest validation H (each at its own best gamma), then AUSUC; remaining ties (e.g. a
+    saturated validation set) go to the later step, i.e. towards the recipe's own schedule."""
+    return max(history, key=lambda r: (round(r["best"]["H"], 6), round(r["AUSUC"], 6), r["step"]))
 
 
 def train_final(config: TrainConfig, test: Task, selection: dict, identity: dict, *, cache, store, labels,

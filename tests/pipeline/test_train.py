@@ -103,3 +103,13 @@ def test_a_transzero_layout_cache_trains_with_a_derived_validation_split(tmp_pat
     assert summary["content_key"].startswith("data-sha256:")
     assert "derived" in summary["selection"]["task"]["note"]
     assert evaluate(tmp_path / "tz" / "best.pt", cache)["test"]["H"] == summary["test"]["H"]
+
+
+def test_selection_prefers_h_then_ausuc_then_the_later_step():
+    from pipeline.train import choose_evaluation
+
+    def ev(step, h, ausuc):
+        return {"step": step, "best": {"H": h}, "AUSUC": ausuc}
+    assert choose_evaluation([ev(10, .5, .9), ev(20, .6, .1), ev(30, .55, .9)])["step"] == 20
+    assert choose_evaluation([ev(10, .6, .3), ev(20, .6, .4), ev(30, .6, .35)])["step"] == 20
+    assert choose_evaluation([ev(10, 1.0, 1.0), ev(20, 0.9999999999999992, 0.9999999999999984)])["step"] == 20
