@@ -22,6 +22,12 @@ vector size, (C, H, W) = the backbone's feature map shape.
                                                  was written and flushed)
     skipped          (N,)           bool         row i's image was unreadable under --skip-bad: its
                                                  features stay zero and done[i] stays False
+    row_crc32        (N,)           uint32       zlib.crc32 of row i's values as stored (C order,
+                                                 little-endian, before compression), written with the
+                                                 row and flushed before done[i]; `msdn cache verify`
+                                                 re-reads every row against it. Independent of the
+                                                 compression, so it survives recompression and export.
+                                                 ABSENT in TransZero's and older files ("no checksums").
     attrs["manifest"]     JSON string: see extract/manifest.py (backbone, dtype, dataset fingerprint,
                                        package versions, content_key)
     attrs["content_key"]  sha256 hex of the content-defining part of the manifest
@@ -35,6 +41,10 @@ Files use the HDF5 1.10 format (libver v110, superblock 3): readable by any HDF5
 builds), and required for single-writer/multiple-reader (SWMR) writing, which keeps the file
 consistent on disk at every moment, so a kill -9 never leaves an unreadable file (extract/writer.py;
 `open_readonly` reads such a file, whose 'being written' flag a killed writer could not clear).
+`row_crc32` came after FORMAT_VERSION 1 without a bump on purpose: the version is part of the content
+key (extract/manifest.py) and the stored values did not change, so older files keep their keys and
+stay resumable; the writer fills checksums only where the key exists.
+
 A file is created complete with every key (metadata filled in, done all False) under a temporary
 name and renamed into place, so a crash during creation leaves nothing behind.
 """
@@ -42,6 +52,7 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 from pathlib import Path
 
 import h5py
@@ -62,6 +73,7 @@ IMAGE_PATHS = "image_paths"
 IMAGE_BYTES = "image_bytes"
 DONE = "done"
 SKIPPED = "skipped"
+ROW_CRC32 = "row_crc32"
 MANIFEST_ATTR = "manifest"
 CONTENT_KEY_ATTR = "content_key"
 
@@ -112,12 +124,19 @@ def create_cache_file(path: str | Path, *, dataset, feature_shape: tuple[int, in
         # Allocated now (data=...), so that marking rows later only rewrites bytes in place.
         f.create_dataset(DONE, data=np.zeros(n, dtype=bool))
         f.create_dataset(SKIPPED, data=np.zeros(n, dtype=bool))
+        f.create_dataset(ROW_CRC32, data=np.zeros(n, dtype=np.uint32))
         f.attrs["format"] = FORMAT
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs[MANIFEST_ATTR] = json.dumps(manifest, sort_keys=True)
         f.attrs[CONTENT_KEY_ATTR] = manifest["content_key"]
     os.replace(tmp, path)
     return path
+
+
+def row_crc32(row: np.ndarray, dtype=None) -> int:
+    """The checksum `row_crc32` holds for one row: crc32 of its bytes in the stored dtype (little-endian)."""
+    row = np.ascontiguousarray(row, dtype=np.dtype(dtype or row.dtype).newbyteorder("<"))
+    return zlib.crc32(row.view(np.uint8).reshape(-1))
 
 
 def open_readonly(path: str | Path) -> h5py.File:

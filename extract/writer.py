@@ -1,6 +1,7 @@
 """Crash-safe row writer for a feature cache being extracted (layout: cache/layout.py).
 
-Order of operations per batch: write the feature rows, flush, then set their `done` flags, flush.
+Order of operations per batch: write the feature rows and their `row_crc32` checksums, flush, then
+set their `done` flags, flush.
 A row is therefore never marked done before its data is on disk. The file is written in SWMR mode,
 in which HDF5 orders its metadata writes so that the file on disk is consistent at every moment:
 after a kill -9 the done rows are intact and readable. Such a file still carries HDF5's "open for
@@ -15,7 +16,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from cache.layout import CONTENT_KEY_ATTR, DONE, FEATURES, LIBVER, SKIPPED, is_writer_flag_error
+from cache.layout import (CONTENT_KEY_ATTR, DONE, FEATURES, LIBVER, ROW_CRC32, SKIPPED, is_writer_flag_error,
+                          row_crc32)
 from extract.chunk_codec import ChunkCodec
 
 
@@ -38,6 +40,8 @@ class CacheWriter:
         self.features = self.file[FEATURES]
         self.codec = ChunkCodec(self.features, codec_threads)
         self._done_ds, self._skipped_ds = self.file[DONE], self.file[SKIPPED]
+        # Older files have no checksum key (and SWMR cannot add one): they are written without.
+        self._crc_ds = self.file[ROW_CRC32] if ROW_CRC32 in self.file else None
         self.done = self._done_ds[:]          # in-memory mirrors: the file is the source of truth
         self.skipped = self._skipped_ds[:]
 
@@ -56,6 +60,11 @@ class CacheWriter:
     def write(self, rows: np.ndarray, features: np.ndarray) -> None:
         """Store features[k] in row rows[k], then mark those rows done (in that order)."""
         rows = np.asarray(rows, dtype=np.int64)
+        if self._crc_ds is not None:  # crc32 releases the GIL: the codec's threads share the work
+            crcs = np.fromiter(self.codec.pool.map(lambda row: row_crc32(row, self.features.dtype), features),
+                               dtype=np.uint32, count=len(rows))
+            for start, stop, offset in _runs(rows):
+                self._crc_ds[start:stop] = crcs[offset:offset + stop - start]
         if self.codec.direct:
             tail = (0,) * (self.features.ndim - 1)
             for row, (mask, chunk) in zip(rows.tolist(), self.codec.encode_rows(features)):
