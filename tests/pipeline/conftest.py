@@ -55,5 +55,5 @@ def tiny_config(**overrides):
     """The demo recipe cut down to seconds on the tiny cache."""
     from pipeline.config import apply_overrides, load_recipe
     base = {"iterations": 60, "eval_every": 20, "log_every": 10, "batch_size": 8, "lr": 3e-3,
-            "eval_batch_size": 16}
+            "select_iterations": True, "eval_batch_size": 16}
     return apply_overrides(load_recipe("demo"), {**base, **overrides})
