@@ -1,0 +1,151 @@
+"""Check a feature cache byte for byte: `msdn cache verify KEY|PATH`.
+
+1. Entry files (store entries only): each file's size and crc32 against the entry record, which
+   catches any changed byte, metadata included, and missing shard files.
+2. Rows: every done row is read back through HDF5 (decompressed) and its crc32 compared with
+   `row_crc32`, naming each row that differs or cannot be decoded. A virtual (sharded) cache is read
+   through its shards; a missing shard is named (HDF5 would silently read zeros).
+Files without `row_crc32` (TransZero's, older ones) can only be read through: "readable, no checksums".
+
+Verdicts and exit codes: ok 0, corrupt 1, no-checksums 3, incomplete 4 (rows not extracted yet, or
+skipped; the done rows checked out).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cache import layout as L
+from cache.store import RECORD_FILE, file_crc32
+
+EXIT_CODES = {"ok": 0, "corrupt": 1, "no-checksums": 3, "incomplete": 4}
+_BLOCK_BYTES = 64 << 20
+_SHOW = 10
+
+
+@dataclass
+class VerifyReport:
+    path: Path
+    rows: int = 0
+    rows_checked: int = 0
+    rows_not_done: int = 0
+    has_checksums: bool = False
+    corrupt_rows: list[int] = field(default_factory=list)      # decoded, but the crc32 differs
+    unreadable_rows: list[int] = field(default_factory=list)   # HDF5 could not decode the chunk
+    file_problems: list[str] = field(default_factory=list)     # entry files, shards, metadata
+    bytes_read: int = 0        # decoded feature bytes compared
+    file_bytes: int = 0        # bytes on disk read for file checksums
+    seconds: float = 0.0
+
+    @property
+    def verdict(self) -> str:
+        if self.corrupt_rows or self.unreadable_rows or self.file_problems:
+            return "corrupt"
+        if not self.has_checksums:
+            return "no-checksums"
+        return "incomplete" if self.rows_not_done else "ok"
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES[self.verdict]
+
+    def lines(self) -> list[str]:
+        out = [f"{self.path}: {self.verdict.upper()}: {self.rows_checked} of {self.rows} rows read"
+               + (" and matched their checksums" if self.has_checksums else " (no row checksums in this file: "
+                  "readable, not verified)")
+               + (f"; {self.rows_not_done} row(s) not extracted" if self.rows_not_done else "")
+               + f" ({self.bytes_read / 1e9:.2f} GB in {self.seconds:.1f}s)"]
+        out += [f"  {p}" for p in self.file_problems]
+        for label, rows in (("checksum mismatch", self.corrupt_rows), ("cannot decode", self.unreadable_rows)):
+            if rows:
+                shown = ", ".join(map(str, rows[:_SHOW])) + (", ..." if len(rows) > _SHOW else "")
+                out.append(f"  {label} in {len(rows)} row(s): {shown}")
+        return out
+
+
+def verify_cache(path: str | Path, record: dict | None = None) -> VerifyReport:
+    """Verify the cache file at `path`; with an entry `record` (or an entry.json beside it), its
+    files too."""
+    import json
+
+    path = Path(path)
+    report = VerifyReport(path)
+    start = time.perf_counter()
+    if record is None and (path.parent / RECORD_FILE).is_file():
+        record = json.loads((path.parent / RECORD_FILE).read_text())
+    if record is not None:
+        _check_files(path.parent, record, report)
+    try:
+        f = L.open_readonly(path)
+    except OSError as err:
+        report.file_problems.append(f"{path}: not a readable HDF5 file ({err})")
+        report.seconds = time.perf_counter() - start
+        return report
+    with f:
+        _check_rows(f, report)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _check_files(folder: Path, record: dict, report: VerifyReport) -> None:
+    for name, meta in record["files"].items():
+        file = folder / name
+        if not file.is_file():
+            report.file_problems.append(f"{file}: missing")
+            continue
+        size = file.stat().st_size
+        if size != meta["bytes"]:
+            report.file_problems.append(f"{file}: {size} bytes, the record says {meta['bytes']}")
+            continue
+        report.file_bytes += size
+        if file_crc32(file) != meta["crc32"]:
+            report.file_problems.append(f"{file}: bytes differ from the record (crc32)")
+
+
+def _check_rows(f, report: VerifyReport) -> None:
+    ds = f[L.FEATURES]
+    n = report.rows = int(ds.shape[0])
+    if ds.is_virtual:
+        base = Path(f.filename).parent
+        for source in ds.virtual_sources():
+            if source.file_name != "." and not (base / source.file_name).is_file():
+                report.file_problems.append(f"{base / source.file_name}: shard file missing")
+    done = np.asarray(f[L.DONE][()], dtype=bool) if L.DONE in f else np.ones(n, dtype=bool)
+    report.rows_not_done = int((~done).sum())
+    report.has_checksums = L.ROW_CRC32 in f
+    expected = np.asarray(f[L.ROW_CRC32][()], dtype=np.uint32) if report.has_checksums else None
+    rows = np.flatnonzero(done)
+    row_bytes = int(np.prod(ds.shape[1:])) * ds.dtype.itemsize
+    step = max(1, _BLOCK_BYTES // max(row_bytes, 1))
+    buffer = np.empty((min(step, max(len(rows), 1)), *ds.shape[1:]), dtype=ds.dtype)
+    for lo, hi in _runs(rows, step):
+        block = buffer[:hi - lo]
+        try:
+            ds.read_direct(block, np.s_[lo:hi])
+            good = range(lo, hi)
+        except (OSError, RuntimeError):  # one damaged chunk fails the whole read: find which rows
+            good = []
+            for row in range(lo, hi):
+                try:
+                    ds.read_direct(block[row - lo:row - lo + 1], np.s_[row:row + 1])
+                    good.append(row)
+                except (OSError, RuntimeError):
+                    report.unreadable_rows.append(row)
+        for row in good:
+            report.rows_checked += 1
+            report.bytes_read += row_bytes
+            if expected is not None and L.row_crc32(block[row - lo]) != expected[row]:
+                report.corrupt_rows.append(row)
+
+
+def _runs(rows: np.ndarray, step: int):
+    """(lo, hi) ranges of consecutive rows, at most `step` long."""
+    if len(rows) == 0:
+        return
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    for a, b in zip(np.r_[0, breaks], np.r_[breaks, len(rows)]):
+        for lo in range(int(rows[a]), int(rows[b - 1]) + 1, step):
+            yield lo, min(lo + step, int(rows[b - 1]) + 1)
