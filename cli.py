@@ -1,6 +1,8 @@
 """`msdn` command line. Thin by design: each command parses options and calls into `pipeline/`."""
 from __future__ import annotations
 
+import os
+
 import click
 
 
@@ -33,8 +35,13 @@ def main() -> None:
 @click.option("--skip-bad", is_flag=True, help="Record unreadable images as skipped instead of stopping.")
 @click.option("--overwrite", is_flag=True, help="Replace an --out made from other inputs, or restart a partial one.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
+              help="Put the result into this feature store, keyed by content key [default: $MSDN_CACHE_DIR "
+                   "when --out is not given]. Prints the key.")
+@click.option("--materialize", is_flag=True,
+              help="Under torchrun: join the ranks' shards into one file instead of a virtual dataset.")
 def extract(dataset, out, data_root, xlsa17_root, w2v_root, backbone, image_size, weights, batch_size, device,
-            dtype, compression, workers, resume, skip_bad, overwrite, no_progress):
+            dtype, compression, workers, resume, skip_bad, overwrite, no_progress, cache_dir, materialize):
     """Stream a dataset's images through a frozen backbone into one HDF5 feature cache."""
     from pipeline.extract_job import EXTRACT_ERRORS, ExtractOptions, run_extract
 
@@ -43,9 +50,19 @@ def extract(dataset, out, data_root, xlsa17_root, w2v_root, backbone, image_size
                              batch_size=batch_size, device=device, dtype=dtype, compression=compression,
                              workers=workers, resume=resume, skip_bad=skip_bad, overwrite=overwrite,
                              progress=not no_progress)
+    from cache.store import StoreError
+    from extract.distributed import torchrun_world
+    from pipeline.extract_scaled import run_extract_scaled, uses_store
+
+    log = lambda msg: click.echo(msg, err=True)  # noqa: E731
     try:
-        run_extract(options, log=lambda msg: click.echo(msg, err=True))
-    except EXTRACT_ERRORS as err:
+        if uses_store(options, cache_dir) or torchrun_world() > 1:
+            key = run_extract_scaled(options, cache_dir=cache_dir, materialize=materialize, log=log)
+            if uses_store(options, cache_dir) and os.environ.get("RANK", "0") == "0":
+                click.echo(key)  # once, not once per torchrun rank
+        else:
+            run_extract(options, log=log)
+    except EXTRACT_ERRORS + (StoreError,) as err:
         raise click.ClickException(str(err)) from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None
@@ -63,8 +80,9 @@ def _stage2_errors():
 
 @main.command()
 @click.option("--recipe", required=True, help="Recipe name (CUB, SUN, AWA2, APY, FLO, CUB100, demo) or a .toml path.")
-@click.option("--cache", "cache_path", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="Feature cache (.h5) written by `msdn extract` or TransZero's script.")
+@click.option("--cache", "cache_path", required=True,
+              help="Feature cache: a .h5 file (ours or TransZero's) or a store key / unique key prefix.")
+@click.option("--cache-dir", default=None, help="Store to look keys up in [default: $MSDN_CACHE_DIR].")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run folder to create.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a recipe field, e.g. --set lambda_causal=0.3 (repeatable).")
@@ -74,8 +92,9 @@ def _stage2_errors():
               help="Also report the released code's best-on-TEST numbers, labelled as such.")
 @click.option("--overwrite", is_flag=True, help="Reuse an --out folder that already holds a run.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train(recipe, cache_path, out_dir, overrides, device, deterministic, paper_protocol, overwrite, quiet):
+def train(recipe, cache_path, cache_dir, out_dir, overrides, device, deterministic, paper_protocol, overwrite, quiet):
     """Train the MSDN++ heads on a feature cache; select on validation classes; report on test."""
+    from pipeline.cache_jobs import resolve_cache
     from pipeline.config import apply_overrides, load_recipe
     from pipeline.runlog import format_table
     from pipeline.train import summary_rows
@@ -83,6 +102,7 @@ def train(recipe, cache_path, out_dir, overrides, device, deterministic, paper_p
 
     try:
         config = apply_overrides(load_recipe(recipe), list(overrides))
+        cache_path = resolve_cache(cache_path, cache_dir)
         summary = run_training(config, cache_path, out_dir, device=device, deterministic=deterministic,
                                paper_protocol=paper_protocol, progress=not quiet, overwrite=overwrite)
     except _stage2_errors() as err:
@@ -93,20 +113,22 @@ def train(recipe, cache_path, out_dir, overrides, device, deterministic, paper_p
 
 @main.command()
 @click.option("--checkpoint", required=True, type=click.Path(exists=True, dir_okay=False), help="best.pt or last.pt.")
-@click.option("--cache", "cache_path", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="The feature cache the checkpoint was trained on.")
+@click.option("--cache", "cache_path", required=True,
+              help="The feature cache the checkpoint was trained on (a .h5 file or a store key).")
+@click.option("--cache-dir", default=None, help="Store to look keys up in [default: $MSDN_CACHE_DIR].")
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False), help="Optional run folder.")
 @click.option("--gamma", type=float, default=None, help="Calibrated-stacking gamma (default: the checkpoint's).")
 @click.option("--device", default="auto", show_default=True, help="auto = cuda if available, else cpu.")
 @click.option("--overwrite", is_flag=True, help="Reuse an --out folder that already holds a run.")
-def evaluate(checkpoint, cache_path, out_dir, gamma, device, overwrite):
+def evaluate(checkpoint, cache_path, cache_dir, out_dir, gamma, device, overwrite):
     """Evaluate a checkpoint on the test split of its cache (ZSL, GZSL U/S/H, AUSUC)."""
+    from pipeline.cache_jobs import resolve_cache
     from pipeline.evaluate import evaluate as run_evaluation
     from pipeline.evaluate import evaluation_rows
     from pipeline.runlog import format_table
 
     try:
-        summary = run_evaluation(checkpoint, cache_path, out_dir=out_dir, device=device, gamma=gamma,
+        summary = run_evaluation(checkpoint, resolve_cache(cache_path, cache_dir), out_dir=out_dir, device=device, gamma=gamma,
                                  overwrite=overwrite)
     except _stage2_errors() as err:
         raise click.ClickException(str(err)) from None
@@ -134,6 +156,139 @@ def demo(out_dir, overrides, device, quiet):
     click.echo(format_table(evaluation_rows(result["evaluate"])))
     timing = ", ".join(f"{k} {v:.0f}s" for k, v in result["seconds"].items())
     click.echo(f"run folder: {result['run']}  ({timing})")
+
+
+# ----------------------------------------------------------------------------- the team feature store
+_STORE_OPTION = click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
+                             help="The store [default: $MSDN_CACHE_DIR].")
+
+
+@main.group()
+def cache() -> None:
+    """The content-addressed feature store: list, verify, copy between stores, export, clean up."""
+
+
+def _store_errors():
+    from cache.reader import CacheError
+    from pipeline.config import ConfigError
+    return (CacheError, ConfigError, OSError)
+
+
+@cache.command("ls")
+@_STORE_OPTION
+@click.option("--match", "recipe", default=None, help="Only entries this recipe can train on (recipe name or .toml).")
+@click.option("--full-keys", is_flag=True, help="Show whole keys, not 12-character prefixes.")
+def cache_ls(cache_dir, recipe, full_keys):
+    """Entries: key, dataset, backbone, size, shape, dtype, created, complete."""
+    from pipeline.cache_jobs import list_entries, open_local_store
+
+    try:
+        table = list_entries(open_local_store(cache_dir), match=recipe, full_keys=full_keys)
+    except _store_errors() as err:
+        raise click.ClickException(str(err)) from None
+    click.echo("(no entries)" if table.empty else table.to_string(index=False))
+
+
+@cache.command("verify")
+@click.argument("target")
+@_STORE_OPTION
+def cache_verify(target, cache_dir):
+    """Read every row of KEY (or a cache file PATH) and check it against its checksum.
+    Exit code: 0 ok, 1 corrupt, 3 readable but no checksums, 4 incomplete."""
+    from pipeline.cache_jobs import verify
+
+    try:
+        report = verify(target, cache_dir)
+    except _store_errors() as err:
+        raise click.ClickException(str(err)) from None
+    for line in report.lines():
+        click.echo(line)
+    raise SystemExit(report.exit_code)
+
+
+@cache.command("push")
+@click.argument("key")
+@click.argument("dest")
+@_STORE_OPTION
+def cache_push(key, dest, cache_dir):
+    """Copy entry KEY from the store to the store DEST (a directory, or an fsspec URL), verified."""
+    from pipeline.cache_jobs import push
+
+    try:
+        click.echo(push(key, dest, cache_dir, log=lambda msg: click.echo(msg, err=True)))
+    except _store_errors() as err:
+        raise click.ClickException(str(err)) from None
+
+
+@cache.command("pull")
+@click.argument("key")
+@click.argument("source")
+@_STORE_OPTION
+def cache_pull(key, source, cache_dir):
+    """Copy entry KEY from the store SOURCE (a directory, or an fsspec URL) into the store, verified."""
+    from pipeline.cache_jobs import pull
+
+    try:
+        click.echo(pull(key, source, cache_dir, log=lambda msg: click.echo(msg, err=True)))
+    except _store_errors() as err:
+        raise click.ClickException(str(err)) from None
+
+
+@cache.command("gc")
+@_STORE_OPTION
+@click.option("--older-than", "days", type=float, default=None, help="Also remove entries unused for DAYS.")
+@click.option("--max-size", default=None, help="Also remove least recently used entries until the store fits, e.g. 200G.")
+@click.option("--stale-hours", type=float, default=24.0, show_default=True,
+              help="Remove unlocked staging folders (interrupted work) untouched this long.")
+@click.option("--dry-run", is_flag=True, help="Only say what would be removed.")
+def cache_gc(cache_dir, days, max_size, stale_hours, dry_run):
+    """Remove interrupted work nobody holds and, on request, old or least recently used entries."""
+    from cache.gc import collect_garbage
+    from pipeline.cache_jobs import open_local_store, parse_size
+
+    try:
+        removed = collect_garbage(open_local_store(cache_dir), stale_hours=stale_hours, older_than_days=days,
+                                  max_bytes=parse_size(max_size) if max_size else None, dry_run=dry_run,
+                                  log=click.echo)
+    except _store_errors() as err:
+        raise click.ClickException(str(err)) from None
+    if not removed:
+        click.echo("nothing to remove")
+
+
+@cache.command("rm")
+@click.argument("key")
+@_STORE_OPTION
+def cache_rm(key, cache_dir):
+    """Remove entry KEY from the store (readers that have it open keep reading)."""
+    from pipeline.cache_jobs import open_local_store
+
+    try:
+        store = open_local_store(cache_dir)
+        full = store.resolve(key)
+        with store.lock(full):
+            store.remove(full)
+    except _store_errors() as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(f"removed {full}")
+
+
+@cache.command("export")
+@click.argument("target")
+@click.argument("file", type=click.Path(dir_okay=False))
+@_STORE_OPTION
+@click.option("--dtype", default=None, type=click.Choice(["float16", "float32"]),
+              help="Feature dtype of the copy [default: as stored]; float32 for MSDN/TransZero's loaders.")
+@click.option("--compression", default=None, type=click.Choice(["lzf", "gzip", "none"]),
+              help="[default: as stored]")
+def cache_export(target, file, cache_dir, dtype, compression):
+    """Write entry KEY (or a cache PATH) as one self-contained file in TransZero's key layout."""
+    from pipeline.cache_jobs import export
+
+    try:
+        click.echo(export(target, file, dtype=dtype, compression=compression, cache_dir=cache_dir))
+    except _store_errors() as err:
+        raise click.ClickException(str(err)) from None
 
 
 if __name__ == "__main__":

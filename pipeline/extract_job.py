@@ -50,8 +50,8 @@ def default_out(options: ExtractOptions) -> Path:
     return Path(f"{options.dataset}_{options.backbone}_{options.image_size}.h5")
 
 
-def run_extract(options: ExtractOptions, log=None) -> Path:
-    """Build the dataset and backbone spec from `options` and extract; returns the finished file."""
+def build_inputs(options: ExtractOptions):
+    """(dataset, backbone spec, output path) that `options` describe."""
     name = canonical_name(options.dataset)
     data_root = options.data_root or default_data_root(name)
     dataset = build_dataset(name, data_root=data_root, xlsa17_root=options.xlsa17_root, w2v_root=options.w2v_root)
@@ -59,7 +59,12 @@ def run_extract(options: ExtractOptions, log=None) -> Path:
         spec = BackboneSpec(options.backbone, options.image_size, options.weights)
     except ValueError as err:
         raise ExtractError(str(err)) from None
-    out = Path(options.out) if options.out else default_out(options)
+    return dataset, spec, Path(options.out) if options.out else default_out(options)
+
+
+def run_extract(options: ExtractOptions, log=None) -> Path:
+    """Build the dataset and backbone spec from `options` and extract; returns the finished file."""
+    dataset, spec, out = build_inputs(options)
     return extract_features(dataset, spec, out, batch_size=options.batch_size, device=options.device,
                             dtype=options.dtype, compression=options.compression, resume=options.resume,
                             skip_bad=options.skip_bad, overwrite=options.overwrite,
