@@ -4,9 +4,10 @@
 
 1. Preflight (before any work): image files exist, weights resolve, the output is not already there
    with other inputs. A finished file with the same content key is up to date: nothing is done.
-2. The rows still to do go through a DataLoader (decoding in worker processes where cores allow) and the backbone
-   (CUDA: autocast, channels_last, pinned memory, non_blocking copies; one batch in flight while
-   the previous one is written), and each batch is written and flushed as it comes: memory stays flat.
+2. The rows still to do go through a DataLoader (decoding in worker processes where cores allow)
+   and the backbone (CUDA: autocast, channels_last, pinned memory, non_blocking copies; one batch
+   in flight while the previous one is written; rows compressed in threads, extract/chunk_codec.py),
+   and each batch is written and flushed as it comes: memory stays flat.
 3. Work happens in `<out>.partial`, renamed to `<out>` when every row is done or skipped, so `<out>`
    only ever appears complete. An interrupted run (Ctrl-C, kill -9) continues with resume=True.
 
