@@ -1,8 +1,10 @@
 """Losses of MSDN (SPEC.md §4) and MSDN++ (§5) as plain functions of score tensors.
 
-Every function is batch-vectorised and free of host synchronisation, so a training step can run
-ahead of the device. Log-domain forms are used where the released code takes softmax then log: the
-value is the same, but it stays finite when a softmax underflows (bfloat16, large scores).
+Scores are (..., B, C): a leading axis may stack the two sub-nets so that one kernel serves both
+(fewer, larger ops: what both a GPU and a busy CPU want); each function then returns one value per
+leading index. Everything is float32, batch-vectorised and free of host synchronisation. Log-domain
+forms are used where the released code takes softmax then log: same value, but finite when a
+softmax underflows.
 """
 from __future__ import annotations
 
@@ -15,26 +17,31 @@ import torch.nn.functional as F
 def cross_entropy_all_classes(unbiased_scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """CE over ALL classes (seen and unseen in the denominator), as the released code
     (is_conservative=True) does; the scores must already have the ±bias removed."""
-    return F.cross_entropy(unbiased_scores.float(), labels)
+    log_p = F.log_softmax(unbiased_scores.float(), dim=-1)
+    index = labels.view(*(1,) * (log_p.dim() - 2), -1, 1).expand(*log_p.shape[:-1], 1)
+    return -log_p.gather(-1, index).squeeze(-1).mean(-1)
 
 
-def self_calibration(biased_scores: torch.Tensor, unseen: torch.Tensor) -> torch.Tensor:
+def self_calibration(biased_scores: torch.Tensor, unseen: torch.Tensor,
+                     log_p: torch.Tensor | None = None) -> torch.Tensor:
     """-log( mean_b sum_{u in unseen} softmax(s)[b, u] ) on the biased scores: pushes probability
-    mass towards the unseen classes so they are not starved during training on seen images."""
-    log_p = F.log_softmax(biased_scores.float(), dim=1)
-    log_mass = torch.logsumexp(log_p.index_select(1, unseen), dim=1)  # (B,) log unseen mass
-    return -(torch.logsumexp(log_mass, dim=0) - math.log(log_mass.shape[0]))
+    mass towards the unseen classes so they are not starved during training on seen images.
+    `log_p` = log_softmax(biased_scores) when the caller has it already."""
+    if log_p is None:
+        log_p = F.log_softmax(biased_scores.float(), dim=-1)
+    log_mass = torch.logsumexp(log_p.index_select(-1, unseen), dim=-1)  # (..., B) log unseen mass
+    return math.log(log_mass.shape[-1]) - torch.logsumexp(log_mass, dim=-1)
 
 
-def jensen_shannon(s1: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
+def jensen_shannon(s1: torch.Tensor, s2: torch.Tensor,
+                   log_p: torch.Tensor | None = None) -> torch.Tensor:
     """JSD(softmax(s1), softmax(s2)), batch mean: (KL(q || m) + KL(p || m)) / 2 with m = (p + q)/2,
-    the released code's KLDivLoss(log m, q) + KLDivLoss(log m, p) with reduction='batchmean'."""
-    log_p = F.log_softmax(s1.float(), dim=1)
-    log_q = F.log_softmax(s2.float(), dim=1)
-    log_m = torch.logaddexp(log_p, log_q) - math.log(2.0)
-    kl_q = (log_q.exp() * (log_q - log_m)).sum(1)
-    kl_p = (log_p.exp() * (log_p - log_m)).sum(1)
-    return (kl_q + kl_p).mean() / 2
+    the released code's KLDivLoss(log m, q) + KLDivLoss(log m, p) with reduction='batchmean'.
+    `log_p` = stacked log_softmax of (s1, s2), (2, B, C), when the caller has it already."""
+    if log_p is None:
+        log_p = F.log_softmax(torch.stack([s1.float(), s2.float()]), dim=-1)
+    log_m = torch.logaddexp(log_p[0], log_p[1]) - math.log(2.0)
+    return (log_p.exp() * (log_p - log_m)).sum((0, 2)).mean() / 2
 
 
 def weighted_score_distance(s1: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
@@ -46,18 +53,20 @@ def weighted_score_distance(s1: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
     return (d.abs().pow(3) / norm).sum(1).mean()
 
 
-def distillation_released(s1: torch.Tensor, s2: torch.Tensor) -> dict[str, torch.Tensor]:
+def distillation_released(s1: torch.Tensor, s2: torch.Tensor,
+                          log_p: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Semantic distillation as released: weighted score distance + JSD of the class posteriors."""
-    terms = {"distill_w": weighted_score_distance(s1, s2), "distill_jsd": jensen_shannon(s1, s2)}
+    terms = {"distill_w": weighted_score_distance(s1, s2),
+             "distill_jsd": jensen_shannon(s1, s2, log_p)}
     terms["distill"] = terms["distill_w"] + terms["distill_jsd"]
     return terms
 
 
-def distillation_paper(s1: torch.Tensor, s2: torch.Tensor, psi: torch.Tensor,
-                       omega: torch.Tensor) -> dict[str, torch.Tensor]:
+def distillation_paper(s1: torch.Tensor, s2: torch.Tensor, psi: torch.Tensor, omega: torch.Tensor,
+                       log_p: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Paper variant: JSD + Euclidean distance between the two sub-nets' attribute vectors psi and
     omega (per image, batch mean). vector_norm's gradient is defined as 0 where psi == omega."""
     l2 = torch.linalg.vector_norm(psi.float() - omega.float(), dim=1).mean()
-    terms = {"distill_l2": l2, "distill_jsd": jensen_shannon(s1, s2)}
+    terms = {"distill_l2": l2, "distill_jsd": jensen_shannon(s1, s2, log_p)}
     terms["distill"] = terms["distill_l2"] + terms["distill_jsd"]
     return terms

@@ -1,13 +1,13 @@
 """MSDN++ heads (SPEC.md §4-5): attribute→visual (AVA) and visual→attribute (VAA) attention
 sub-nets over cached region features, with semantic distillation and causal attention.
 
-Speed by design. Every attribute x region product of both sub-nets is one row of the stacked
-(4A, f) matrix [V W_2; V W_1; V W_1_1^T; V W_2_1] (built once per step: it is shared by all
-images) times a region feature, so the whole head is ONE large GEMM (4A, f) @ (f, B*R) per batch,
-plus small elementwise work on (A, B, R) blocks. The features are laid out (f, B*R) by a single
-copy that also casts and L2-normalises them. Nothing in forward/loss synchronises with the host.
-Precision: under autocast only the projection GEMM runs in the low precision; softmaxes,
-attention-weighted sums, class scores and losses run in float32.
+Speed by design. Every attribute x region product of both sub-nets is an entry of the stacked
+(4A, f) matrix P = [V W_2; V W_1; V W_1_1^T; V W_2_1] (built once per step: it is shared by all
+images) times a region feature, so the whole head is ONE large GEMM (B*R, f) @ (f, 4A) per batch,
+plus small elementwise work on (B, R, A) blocks. Regions are rows (heads/regions.py): a batch
+gathered from a resident RegionBank is already in that layout and normalised. Nothing in
+forward/loss synchronises with the host. Precision: under autocast only the projection GEMMs run
+in the low precision; softmaxes, attention-weighted sums, class scores and losses run in float32.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from heads import losses
 from heads.config import HeadConfig
 from heads.counterfactual import counterfactual_attention
+from heads.regions import Regions, prepare_regions
 
 
 @dataclass
@@ -38,18 +39,6 @@ def _compute_dtype(device: torch.device, param_dtype: torch.dtype) -> torch.dtyp
     if torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
     return param_dtype
-
-
-def regions_channels_first(features: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(B, f, R) features -> (f, B*R) in `dtype`, each region L2-normalised over channels.
-    One pass: the cast, the normalisation and the transpose happen in the same copy. Norms are
-    taken in float32 (a float16 sum of 2048 squares can overflow)."""
-    B, f, R = features.shape
-    inv_norm = torch.linalg.vector_norm(features, dim=1, keepdim=True, dtype=torch.float32)
-    inv_norm = inv_norm.clamp_min_(1e-12).reciprocal_()  # F.normalize's eps
-    out = torch.empty((f, B, R), dtype=dtype, device=features.device)
-    torch.mul(features, inv_norm, out=out.permute(1, 0, 2))
-    return out.view(f, B * R)
 
 
 class MSDN(nn.Module):
@@ -111,70 +100,81 @@ class MSDN(nn.Module):
             ws += [self.W_2_1, self.W_1_1.t()]
         return ws
 
-    def _use_embedding_route(self, n_cols: int) -> bool:
+    def _use_embedding_route(self, n_rows: int) -> bool:
         route = self.cfg.matmul_route
         if route != "auto":
             return route == "embedding"
         A, D, f = self.num_attributes, self.V.shape[1], self.feature_dim
-        via_attributes = A * f * (n_cols + D)  # build (kA, f), then (kA, f) @ (f, N)
-        via_embedding = D * f * n_cols + A * D * n_cols  # (kD, f) @ (f, N), then V @ (D, N)
+        via_attributes = A * f * (n_rows + D)  # build P (kA, f), then (N, f) @ (f, kA)
+        via_embedding = D * f * n_rows + A * D * n_rows  # (N, f) @ (f, kD), then V per block
         return via_embedding < via_attributes
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
-        """(f, N) normalised features -> (k, A, N): v_i^T W f for every stacked W, one big GEMM."""
+        """(N, f) unit-length regions -> (N, k, A): v_i^T W f_r for every stacked W.
+        "attributes" route: P (kA, f) is one (A, D) @ (D, k*f) GEMM, then ONE big (N, f) @ (f, kA).
+        "embedding" route (many attributes, e.g. FLO): (N, f) @ (f, kD), then V on each block."""
         V = F.normalize(self.V, dim=1) if self.cfg.normalize_v else self.V
         ws = self._stacked_weights()
-        k, n_cols = len(ws), x.shape[1]
-        if self._use_embedding_route(n_cols):
-            y = torch.mm(torch.cat(ws, 0).to(x.dtype), x)  # (kD, N)
-            return torch.matmul(V.to(x.dtype), y.view(k, -1, n_cols))
-        # (kA, f), shared by the batch: one (A, D) @ (D, k*f) GEMM instead of k small ones.
-        A, f = V.shape[0], x.shape[0]
+        k, n_rows, f = len(ws), x.shape[0], x.shape[1]
+        if self._use_embedding_route(n_rows):
+            y = torch.mm(x, torch.cat(ws, 0).to(x.dtype).t())  # (N, kD)
+            return torch.matmul(y.view(n_rows, k, -1), V.to(x.dtype).t())
+        A = V.shape[0]
         proj = torch.mm(V, torch.cat(ws, 1)).view(A, k, f).transpose(0, 1).reshape(k * A, f)
-        return torch.mm(proj.to(x.dtype), x).view(k, A, n_cols)
+        return torch.mm(x, proj.to(x.dtype).t()).view(n_rows, k, A)
 
-    def _scores(self, attribute_scores: torch.Tensor) -> torch.Tensor:
-        """(A, B) attribute scores -> (B, C) class scores Z psi, float32 even under autocast."""
-        with torch.autocast(attribute_scores.device.type, enabled=False):
-            z = self.Z if attribute_scores.dtype == self.Z.dtype else self.Z.to(attribute_scores.dtype)
-            return torch.mm(attribute_scores.t(), z.t())
+    def _scores(self, attribute_scores: list[torch.Tensor]) -> torch.Tensor:
+        """[(B, A)] attribute scores -> (K, B, C) class scores Z psi in one matmul, float32 even
+        under autocast (the matmul is tiny; the scores decide the argmax)."""
+        with torch.autocast(self.Z.device.type, enabled=False):
+            return torch.matmul(torch.stack(attribute_scores).float(), self.Z.float().t())
 
-    def forward(self, features: torch.Tensor, counterfactual: bool = False) -> HeadOutput:
-        """features (B, f, H, W) or (B, f, R), any float dtype. With counterfactual=True and
-        cfg.lambda_causal > 0 the causal effects s1_eff/s2_eff are computed too; with
-        lambda_causal == 0 that branch is skipped, so no random numbers are drawn."""
-        if features.dim() == 4:
-            features = features.flatten(2)
-        if features.dim() != 3 or features.shape[1] != self.feature_dim:
-            raise ValueError(f"MSDN: features must be (B, {self.feature_dim}, H, W) or "
-                             f"(B, {self.feature_dim}, R), got {tuple(features.shape)}")
-        B, _, R = features.shape
-        dtype = _compute_dtype(features.device, self.V.dtype)
-        blocks = self._project(regions_channels_first(features, dtype)).unflatten(-1, (B, R))
+    def forward(self, features: torch.Tensor | Regions, counterfactual: bool = False) -> HeadOutput:
+        """features: (B, f, H, W) or (B, f, R) maps of any float dtype, or Regions (e.g. from a
+        RegionBank). With counterfactual=True and cfg.lambda_causal > 0 the causal effects
+        s1_eff/s2_eff are computed too; with lambda_causal == 0 that branch is skipped, so no
+        random numbers are drawn."""
+        if isinstance(features, torch.Tensor):
+            if features.dim() not in (3, 4) or features.shape[1] != self.feature_dim:
+                raise ValueError(f"MSDN: features must be (B, {self.feature_dim}, H, W) or "
+                                 f"(B, {self.feature_dim}, R), got {tuple(features.shape)}")
+            dtype = _compute_dtype(features.device, self.V.dtype)
+            features = prepare_regions(features, dtype)
+        elif features.feature_dim != self.feature_dim:
+            raise ValueError(f"MSDN: regions have {features.feature_dim} channels, "
+                             f"the head expects {self.feature_dim}")
+        x, B, R = features.rows, features.batch, features.regions
+        dtype = _compute_dtype(x.device, self.V.dtype)
+        # unbind, not indexing: its backward writes one stacked gradient instead of a zero-filled
+        # full-size gradient per block. Blocks are (B, R, A) views; outputs (B, A, R) views.
+        blocks = list(self._project(x.to(dtype)).view(B, R, -1, self.num_attributes).unbind(2))
         do_causal = counterfactual and self.cfg.lambda_causal > 0
         out = HeadOutput(None, None, None, None, None, None)
-        # Physical layout is (A, B, R) per block; outputs are (B, ...) views of it.
-        # unbind, not indexing: its backward writes one stacked gradient instead of a zero-filled
-        # full-size gradient per block (4x the memory traffic).
-        blocks = list(blocks.unbind(0))
+        attribute_scores, effects = [], []  # per present sub-net, stacked for one matmul each
         if self.use_ava:
             logits, region_scores = blocks.pop(0), blocks.pop(0)
-            beta = F.softmax(logits, dim=2, dtype=torch.float32)  # over regions
-            psi = (beta * region_scores).sum(2)  # (A, B): v_i^T W_1 F_i
-            out.s1 = self._scores(psi) + self.score_bias
-            out.psi, out.beta = psi.t(), beta.permute(1, 0, 2)
+            beta = F.softmax(logits, dim=1, dtype=torch.float32)  # over regions
+            out.psi = (beta * region_scores).sum(1)  # (B, A): v_i^T W_1 F_i
+            out.beta = beta.transpose(1, 2)
+            attribute_scores.append(out.psi)
             if do_causal:
-                beta_bar = counterfactual_attention(self.cfg.counterfactual, logits, beta, 2, 1)
-                out.s1_eff = self._scores(psi - (beta_bar * region_scores).sum(2))
+                beta_bar = counterfactual_attention(self.cfg.counterfactual, logits, beta, 1, 0)
+                effects.append(out.psi - (beta_bar * region_scores).sum(1))
         if self.use_vaa:
             logits, region_scores = blocks.pop(0), blocks.pop(0)
-            alpha = F.softmax(logits, dim=0, dtype=torch.float32)  # over attributes, per region
-            omega = (alpha * region_scores).sum(2)  # (A, B)
-            out.s2 = self._scores(omega) + self.score_bias
-            out.omega, out.alpha = omega.t(), alpha.permute(1, 0, 2)
+            alpha = F.softmax(logits, dim=2, dtype=torch.float32)  # over attributes, per region
+            out.omega = (alpha * region_scores).sum(1)  # (B, A)
+            out.alpha = alpha.transpose(1, 2)
+            attribute_scores.append(out.omega)
             if do_causal:
-                alpha_bar = counterfactual_attention(self.cfg.counterfactual, logits, alpha, 0, 1)
-                out.s2_eff = self._scores(omega - (alpha_bar * region_scores).sum(2))
+                alpha_bar = counterfactual_attention(self.cfg.counterfactual, logits, alpha, 2, 0)
+                effects.append(out.omega - (alpha_bar * region_scores).sum(1))
+        scores = (self._scores(attribute_scores) + self.score_bias).unbind(0)
+        effects = self._scores(effects).unbind(0) if do_causal else (None, None)
+        if self.use_ava:
+            out.s1, out.s1_eff = scores[0], effects[0]
+        if self.use_vaa:
+            out.s2, out.s2_eff = scores[-1], effects[-1]
         return out
 
     def fused_scores(self, out: HeadOutput) -> torch.Tensor:
@@ -189,27 +189,31 @@ class MSDN(nn.Module):
 
     def loss(self, out: HeadOutput, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """{"loss": differentiable total} plus every term (detached) for logging.
-        L = sum_k [CE_k + lambda_cal cal_k + lambda_causal causal_k] + lambda_distill distill."""
+        L = sum_k [CE_k + lambda_cal cal_k + lambda_causal causal_k] + lambda_distill distill.
+        The sub-nets' scores are stacked so each loss kernel runs once for both."""
         cfg = self.cfg
-        causal = cfg.lambda_causal > 0
-        terms, total = {}, 0.0
-        for k, s, s_eff in ((1, out.s1, out.s1_eff), (2, out.s2, out.s2_eff)):
-            if s is None:
-                continue
-            terms[f"ce_{k}"] = losses.cross_entropy_all_classes(s - self.score_bias, labels)
-            terms[f"cal_{k}"] = losses.self_calibration(s, self.unseen_classes)
-            total = total + terms[f"ce_{k}"] + cfg.lambda_cal * terms[f"cal_{k}"]
-            if causal:
-                if s_eff is None:
-                    raise ValueError("MSDN.loss: lambda_causal > 0 needs the causal effects: "
-                                     "call forward(features, counterfactual=True)")
-                terms[f"causal_{k}"] = losses.cross_entropy_all_classes(s_eff, labels)
-                total = total + cfg.lambda_causal * terms[f"causal_{k}"]
-        if out.s1 is not None and out.s2 is not None:
+        present = [(k, s, e) for k, s, e in ((1, out.s1, out.s1_eff), (2, out.s2, out.s2_eff))
+                   if s is not None]
+        names = [k for k, _, _ in present]
+        scores = torch.stack([s.float() for _, s, _ in present])  # (K, B, C), biased
+        log_p = F.log_softmax(scores, dim=-1)
+        per_subnet = {"ce": losses.cross_entropy_all_classes(scores - self.score_bias, labels),
+                      "cal": losses.self_calibration(scores, self.unseen_classes, log_p)}
+        total = per_subnet["ce"].sum() + cfg.lambda_cal * per_subnet["cal"].sum()
+        if cfg.lambda_causal > 0:
+            if any(e is None for _, _, e in present):
+                raise ValueError("MSDN.loss: lambda_causal > 0 needs the causal effects: "
+                                 "call forward(features, counterfactual=True)")
+            effects = torch.stack([e.float() for _, _, e in present])
+            per_subnet["causal"] = losses.cross_entropy_all_classes(effects, labels)
+            total = total + cfg.lambda_causal * per_subnet["causal"].sum()
+        terms = {f"{name}_{k}": values[i] for name, values in per_subnet.items()
+                 for i, k in enumerate(names)}
+        if len(present) == 2:
             if cfg.distill == "released":
-                terms.update(losses.distillation_released(out.s1, out.s2))
+                terms.update(losses.distillation_released(out.s1, out.s2, log_p))
             else:
-                terms.update(losses.distillation_paper(out.s1, out.s2, out.psi, out.omega))
+                terms.update(losses.distillation_paper(out.s1, out.s2, out.psi, out.omega, log_p))
             total = total + cfg.lambda_distill * terms["distill"]
         result = {name: value.detach() for name, value in terms.items()}
         result["loss"] = total

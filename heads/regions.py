@@ -1,0 +1,96 @@
+"""Region features in the layout the head's GEMM wants: one row per region, (B*R, f), each row
+L2-normalised over channels (SPEC.md §2.3).
+
+`prepare_regions` converts a batch of feature maps (one transposing copy). `RegionBank` does that
+once for a whole cache and keeps the result resident (CPU RAM or GPU memory), so a training batch
+is a single row gather and the per-step normalisation disappears.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Regions:
+    rows: torch.Tensor  # (batch * regions, f), contiguous, unit-length rows
+    batch: int
+    regions: int
+
+    @property
+    def feature_dim(self) -> int:
+        return self.rows.shape[1]
+
+
+def _as_maps(features: torch.Tensor) -> torch.Tensor:
+    if features.dim() == 4:
+        return features.flatten(2)
+    if features.dim() != 3:
+        raise ValueError(f"features must be (B, f, H, W) or (B, f, R), got {tuple(features.shape)}")
+    return features
+
+
+def prepare_regions(features: torch.Tensor, dtype: torch.dtype | None = None) -> Regions:
+    """(B, f, H, W) or (B, f, R) maps -> Regions in `dtype` (default: the input's).
+    Norms are taken in float32 (a float16 sum of 2048 squares can overflow); F.normalize's eps."""
+    maps = _as_maps(features)
+    B, f, R = maps.shape
+    rows = torch.empty((B, R, f), dtype=dtype or maps.dtype, device=maps.device)
+    rows.copy_(maps.transpose(1, 2))
+    inv_norm = torch.linalg.vector_norm(rows, dim=2, keepdim=True, dtype=torch.float32)
+    inv_norm = inv_norm.clamp_min_(1e-12).reciprocal_()
+    # A zero region's 1e12 overflows float16 (0 * inf = NaN): scale float16 in float32 there.
+    rows.mul_(inv_norm if torch.finfo(rows.dtype).max < 1e12 else inv_norm.to(rows.dtype))
+    return Regions(rows.view(B * R, f), B, R)
+
+
+def _read(source, start: int, stop: int) -> torch.Tensor:
+    block = source[start:stop]
+    if not isinstance(block, torch.Tensor):
+        block = torch.from_numpy(np.ascontiguousarray(block))
+    return block.float() if block.dtype == torch.float64 else block
+
+
+class RegionBank:
+    """Pre-normalised region features of many images, resident on `device` as (N, R, f).
+
+    `source` is anything that gives (n, f, H, W) or (n, f, R) arrays for a slice of rows: a tensor,
+    a numpy array, an h5py dataset or a lazy cache reader; it is converted `chunk` images at a time,
+    so the raw maps are never all in memory next to the bank. Pick `dtype` to match the compute:
+    bfloat16 under bf16 autocast, float16 (no precision lost relative to a float16 cache) or float32
+    otherwise.
+    """
+
+    def __init__(self, source, dtype: torch.dtype = torch.float16, device="cpu", chunk: int = 256):
+        n = len(source)
+        if n == 0:
+            raise ValueError("RegionBank: the source has no images")
+        _, f, R = _as_maps(_read(source, 0, 1)).shape
+        self.data = torch.empty((n, R, f), dtype=dtype, device=device)
+        for start in range(0, n, chunk):
+            prepared = prepare_regions(_read(source, start, start + chunk).to(device), dtype)
+            self.data[start:start + prepared.batch] = prepared.rows.view(prepared.batch, R, f)
+
+    def __len__(self) -> int:
+        return self.data.shape[0]
+
+    @property
+    def feature_dim(self) -> int:
+        return self.data.shape[2]
+
+    @property
+    def num_regions(self) -> int:
+        return self.data.shape[1]
+
+    def take(self, index: torch.Tensor) -> Regions:
+        """Regions of the images `index` (a LongTensor on the bank's device): one gather.
+        Advanced indexing, not index_select: on CPU it is much faster for float16/bfloat16."""
+        rows = self.data[index]
+        return Regions(rows.view(-1, self.feature_dim), rows.shape[0], self.num_regions)
+
+    def slice(self, start: int, stop: int) -> Regions:
+        """Regions of images start..stop-1 without a copy (evaluation in large batches)."""
+        rows = self.data[start:stop]
+        return Regions(rows.reshape(-1, self.feature_dim), rows.shape[0], self.num_regions)
