@@ -1,6 +1,7 @@
 """`msdn` command line. Thin by design: each command parses options and calls into `pipeline/`."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import click
@@ -168,10 +169,17 @@ def cache() -> None:
     """The content-addressed feature store: list, verify, copy between stores, export, clean up."""
 
 
-def _store_errors():
+@contextlib.contextmanager
+def _one_line_errors():
+    """Store problems as one line; Ctrl-C as exit 130 (interrupted copies resume on the next run)."""
     from cache.reader import CacheError
     from pipeline.config import ConfigError
-    return (CacheError, ConfigError, OSError)
+    try:
+        yield
+    except (CacheError, ConfigError, OSError) as err:
+        raise click.ClickException(str(err)) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
 
 
 @cache.command("ls")
@@ -182,10 +190,8 @@ def cache_ls(cache_dir, recipe, full_keys):
     """Entries: key, dataset, backbone, size, shape, dtype, created, complete."""
     from pipeline.cache_jobs import list_entries, open_local_store
 
-    try:
+    with _one_line_errors():
         table = list_entries(open_local_store(cache_dir), match=recipe, full_keys=full_keys)
-    except _store_errors() as err:
-        raise click.ClickException(str(err)) from None
     click.echo("(no entries)" if table.empty else table.to_string(index=False))
 
 
@@ -197,10 +203,8 @@ def cache_verify(target, cache_dir):
     Exit code: 0 ok, 1 corrupt, 3 readable but no checksums, 4 incomplete."""
     from pipeline.cache_jobs import verify
 
-    try:
+    with _one_line_errors():
         report = verify(target, cache_dir)
-    except _store_errors() as err:
-        raise click.ClickException(str(err)) from None
     for line in report.lines():
         click.echo(line)
     raise SystemExit(report.exit_code)
@@ -213,11 +217,7 @@ def cache_verify(target, cache_dir):
 def cache_push(key, dest, cache_dir):
     """Copy entry KEY from the store to the store DEST (a directory, or an fsspec URL), verified."""
     from pipeline.cache_jobs import push
-
-    try:
-        click.echo(push(key, dest, cache_dir, log=lambda msg: click.echo(msg, err=True)))
-    except _store_errors() as err:
-        raise click.ClickException(str(err)) from None
+    _copy(push, key, dest, cache_dir)
 
 
 @cache.command("pull")
@@ -227,11 +227,12 @@ def cache_push(key, dest, cache_dir):
 def cache_pull(key, source, cache_dir):
     """Copy entry KEY from the store SOURCE (a directory, or an fsspec URL) into the store, verified."""
     from pipeline.cache_jobs import pull
+    _copy(pull, key, source, cache_dir)
 
-    try:
-        click.echo(pull(key, source, cache_dir, log=lambda msg: click.echo(msg, err=True)))
-    except _store_errors() as err:
-        raise click.ClickException(str(err)) from None
+
+def _copy(job, key, other_store, cache_dir):
+    with _one_line_errors():
+        click.echo(job(key, other_store, cache_dir, log=lambda msg: click.echo(msg, err=True)))
 
 
 @cache.command("gc")
@@ -246,12 +247,10 @@ def cache_gc(cache_dir, days, max_size, stale_hours, dry_run):
     from cache.gc import collect_garbage
     from pipeline.cache_jobs import open_local_store, parse_size
 
-    try:
+    with _one_line_errors():
         removed = collect_garbage(open_local_store(cache_dir), stale_hours=stale_hours, older_than_days=days,
                                   max_bytes=parse_size(max_size) if max_size else None, dry_run=dry_run,
                                   log=click.echo)
-    except _store_errors() as err:
-        raise click.ClickException(str(err)) from None
     if not removed:
         click.echo("nothing to remove")
 
@@ -263,13 +262,11 @@ def cache_rm(key, cache_dir):
     """Remove entry KEY from the store (readers that have it open keep reading)."""
     from pipeline.cache_jobs import open_local_store
 
-    try:
+    with _one_line_errors():
         store = open_local_store(cache_dir)
         full = store.resolve(key)
         with store.lock(full):
             store.remove(full)
-    except _store_errors() as err:
-        raise click.ClickException(str(err)) from None
     click.echo(f"removed {full}")
 
 
@@ -285,10 +282,8 @@ def cache_export(target, file, cache_dir, dtype, compression):
     """Write entry KEY (or a cache PATH) as one self-contained file in TransZero's key layout."""
     from pipeline.cache_jobs import export
 
-    try:
+    with _one_line_errors():
         click.echo(export(target, file, dtype=dtype, compression=compression, cache_dir=cache_dir))
-    except _store_errors() as err:
-        raise click.ClickException(str(err)) from None
 
 
 if __name__ == "__main__":
