@@ -2,9 +2,10 @@
 
 1. Entry files (store entries only): each file's size and crc32 against the entry record, which
    catches any changed byte, metadata included, and missing shard files.
-2. Rows: every done row is read back through HDF5 (decompressed) and its crc32 compared with
-   `row_crc32`, naming each row that differs or cannot be decoded. A virtual (sharded) cache is read
-   through its shards; a missing shard is named (HDF5 would silently read zeros).
+2. Rows: every done row is decoded from its stored chunk (in threads, cache/chunk_check.py; other
+   layouts through h5py) and its crc32 compared with `row_crc32`, naming each row that differs or
+   cannot be decoded. A virtual (sharded) cache is read shard by shard against the joined file's
+   checksums; a missing shard is named (HDF5 would silently read zeros).
 Files without `row_crc32` (TransZero's, older ones) can only be read through: "readable, no checksums".
 
 Verdicts and exit codes: ok 0, corrupt 1, no-checksums 3, incomplete 4 (rows not extracted yet, or
@@ -16,8 +17,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import h5py
 import numpy as np
 
+from cache import chunk_check
 from cache import layout as L
 from cache.store import RECORD_FILE, file_crc32
 
@@ -108,16 +111,31 @@ def _check_files(folder: Path, record: dict, report: VerifyReport) -> None:
 def _check_rows(f, report: VerifyReport) -> None:
     ds = f[L.FEATURES]
     n = report.rows = int(ds.shape[0])
-    if ds.is_virtual:
-        base = Path(f.filename).parent
-        for source in ds.virtual_sources():
-            if source.file_name != "." and not (base / source.file_name).is_file():
-                report.file_problems.append(f"{base / source.file_name}: shard file missing")
     done = np.asarray(f[L.DONE][()], dtype=bool) if L.DONE in f else np.ones(n, dtype=bool)
     report.rows_not_done = int((~done).sum())
     report.has_checksums = L.ROW_CRC32 in f
     expected = np.asarray(f[L.ROW_CRC32][()], dtype=np.uint32) if report.has_checksums else None
-    rows = np.flatnonzero(done)
+    if not ds.is_virtual:
+        return _check_dataset(ds, np.flatnonzero(done), 0, expected, report)
+    # A virtual cache: each shard's rows against the joined file's checksums. HDF5 would read a
+    # missing shard as zeros: name the file, and its rows count as corrupt.
+    base = Path(f.filename).parent
+    for source in ds.virtual_sources():
+        first, last = (int(b[0]) for b in source.vspace.get_select_bounds())
+        rows = np.flatnonzero(done[first:last + 1])
+        path = base / source.file_name
+        if not path.is_file():
+            report.file_problems.append(f"{path}: shard file missing")
+            report.corrupt_rows.extend((first + rows).tolist())
+            continue
+        with h5py.File(path, "r") as shard:
+            _check_dataset(shard[source.dset_name], rows, first, expected, report)
+
+
+def _check_dataset(ds, rows: np.ndarray, offset: int, expected, report: VerifyReport) -> None:
+    """Rows `rows` of dataset `ds`, which holds the cache's rows from `offset` on."""
+    if chunk_check.applies(ds):
+        return chunk_check.check_rows(ds, rows, offset, expected, report)
     row_bytes = int(np.prod(ds.shape[1:])) * ds.dtype.itemsize
     step = max(1, _BLOCK_BYTES // max(row_bytes, 1))
     buffer = np.empty((min(step, max(len(rows), 1)), *ds.shape[1:]), dtype=ds.dtype)
@@ -133,12 +151,12 @@ def _check_rows(f, report: VerifyReport) -> None:
                     ds.read_direct(block[row - lo:row - lo + 1], np.s_[row:row + 1])
                     good.append(row)
                 except (OSError, RuntimeError):
-                    report.unreadable_rows.append(row)
+                    report.unreadable_rows.append(offset + row)
         for row in good:
             report.rows_checked += 1
             report.bytes_read += row_bytes
-            if expected is not None and L.row_crc32(block[row - lo]) != expected[row]:
-                report.corrupt_rows.append(row)
+            if expected is not None and L.row_crc32(block[row - lo]) != expected[offset + row]:
+                report.corrupt_rows.append(offset + row)
 
 
 def _runs(rows: np.ndarray, step: int):

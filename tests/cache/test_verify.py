@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 import cli
+from cache import chunk_check
 from cache import layout as L
 from cache.shards import join_shards
 from cache.verify import verify_cache
@@ -18,9 +19,9 @@ from tests.extract.engine_data import image_dataset
 
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory):
-    """One uncompressed and one lzf cache of the same 8 images."""
+    """The same 8 images under each compression."""
     base = tmp_path_factory.mktemp("pristine")
-    return {c: extract_tiny(base / c, compression=c) for c in ("none", "lzf")}
+    return {c: extract_tiny(base / c, compression=c) for c in ("none", "lzf", "gzip")}
 
 
 def verify_cli(*args):
@@ -35,15 +36,18 @@ def test_a_fresh_cache_verifies(pristine):
         assert f["row_crc32"][3] == L.row_crc32(f["feature_map"][3]) != 0
 
 
-@pytest.mark.parametrize("compression", ["none", "lzf"])
-def test_a_flipped_byte_inside_a_chunk_names_its_row(pristine, tmp_path, compression):
+@pytest.mark.parametrize("path_taken", ["threaded chunks", "h5py"])
+@pytest.mark.parametrize("compression", ["none", "lzf", "gzip"])
+def test_a_flipped_byte_inside_a_chunk_names_its_row(pristine, tmp_path, compression, path_taken, monkeypatch):
+    if path_taken == "h5py":  # the general path, taken by layouts the threaded decoder does not cover
+        monkeypatch.setattr(chunk_check, "applies", lambda ds: False)
     path = tmp_path / "f.h5"
     shutil.copyfile(pristine[compression], path)
     offset, size = chunk_offset(path, 5)
     flip_byte(path, offset + size // 2)
     report = verify_cache(path)
     assert report.verdict == "corrupt" and report.exit_code == 1
-    assert report.corrupt_rows + report.unreadable_rows == [5]   # lzf may fail to decode or decode wrongly
+    assert report.corrupt_rows + report.unreadable_rows == [5]   # lzf/gzip may fail to decode, or decode wrongly
     assert report.rows_checked == 8 - len(report.unreadable_rows)
     code, out = verify_cli(path)
     assert code == 1 and "CORRUPT" in out and "row(s): 5" in out
