@@ -137,6 +137,27 @@ def evaluate(checkpoint, cache_path, cache_dir, out_dir, gamma, device, overwrit
 
 
 @main.command()
+@click.option("--cache", "cache_path", required=True, help="Feature cache: a .h5 file or a store key.")
+@click.option("--cache-dir", default=None, help="Store to look keys up in [default: $MSDN_CACHE_DIR].")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run folder to create.")
+@click.option("--method", default="eszsl", show_default=True, type=click.Choice(["eszsl"]))
+@click.option("--overwrite", is_flag=True, help="Reuse an --out folder that already holds a run.")
+def baseline(cache_path, cache_dir, out_dir, method, overwrite):
+    """Linear baseline (ESZSL on pooled features), selected on validation, same metrics as train."""
+    from pipeline.baselines import BaselineConfig, baseline_rows, run_baseline
+    from pipeline.cache_jobs import resolve_cache
+    from pipeline.runlog import format_table
+
+    try:
+        summary = run_baseline(resolve_cache(cache_path, cache_dir), out_dir, BaselineConfig(method=method),
+                               overwrite=overwrite)
+    except _stage2_errors() as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(format_table(baseline_rows(summary)))
+    click.echo(f"run folder: {out_dir}")
+
+
+@main.command()
 @click.option("--out", "out_dir", default="runs/demo", show_default=True, type=click.Path(file_okay=False),
               help="Folder for the rendered images, the feature cache and the run.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
