@@ -17,6 +17,10 @@ bf16 autocast, synchronised timings) and estimates a full CUB recipe (4,234 step
 released scripts' 30 evaluations of the 4,731 test images).
 
     python bench/train.py [--device cpu|cuda|auto] [--images 2000] [--rounds 3] [--json out.json]
+
+On a shared CPU (other processes' share is printed per round) wall-clock numbers with several
+threads mostly measure the neighbours: `--threads 1 --clock cpu` counts only the CPU time this
+process got, which gives stable ratios and fractions of the matmul ceiling.
 """
 from __future__ import annotations
 
