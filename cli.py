@@ -307,5 +307,92 @@ def cache_export(target, file, cache_dir, dtype, compression):
         click.echo(export(target, file, dtype=dtype, compression=compression, cache_dir=cache_dir))
 
 
+# ----------------------------------------------------------------------------- ablations, reports, pictures
+def _csv(text: str | None, cast=str) -> list | None:
+    return None if text is None else [cast(v.strip()) for v in text.split(",") if v.strip()]
+
+
+@main.command()
+@click.option("--preset", default=None, help="A worked example: demo or cub100 (extracts its cache into --out once).")
+@click.option("--recipe", default=None, help="Recipe name or .toml path [default: the preset's].")
+@click.option("--cache", "cache_path", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Feature cache [default: the preset's, extracted into --out].")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Ablation folder.")
+@click.option("--ablation", "ablations", default=None,
+              help="Comma-separated built-in ablations, 'all' or 'none' [default: the preset's; all without --grid]. "
+                   "Names: full, ava_only, vaa_only, no_distill, no_causal, no_calibration, cf_<type>, "
+                   "test_ava, test_vaa, test_equal.")
+@click.option("--grid", multiple=True, metavar="KEY=V1,V2",
+              help="Config values to cross, e.g. --grid lambda_cal=0.05,0.1 --grid fusion=[1,0],[0.5,0.5] (repeatable).")
+@click.option("--seeds", default=None, help="Comma-separated seeds [default: the preset's, else 0,1].")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override for every cell (repeatable).")
+@click.option("--workers", type=int, default=None,
+              help="Parallel cells [default: one per GPU; on CPU min(cores, 4), cores shared evenly].")
+@click.option("--device", default="auto", show_default=True, help="auto = cuda if available, else cpu.")
+@click.option("--overwrite", is_flag=True, help="Redo cells whose folder holds a run of another config or cache.")
+def ablate(preset, recipe, cache_path, out_dir, ablations, grid, seeds, overrides, workers, device, overwrite):
+    """Train a grid of variants x seeds in parallel; write mean ± std tables (CSV, Markdown, LaTeX)."""
+    from pipeline.ablate import AblationError
+    from pipeline.ablate_job import AblateOptions, run_ablate
+    from pipeline.extract_job import EXTRACT_ERRORS
+
+    try:
+        options = AblateOptions(out=out_dir, recipe=recipe, cache=cache_path, preset=preset, ablations=_csv(ablations),
+                                grid=list(grid), seeds=_csv(seeds, int), overrides=list(overrides),
+                                workers=workers, device=device, overwrite=overwrite)
+        result = run_ablate(options, log=lambda msg: click.echo(msg, err=True))
+    except (AblationError, ValueError) + EXTRACT_ERRORS + _stage2_errors() as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(result["paths"]["markdown"].read_text())
+    failed = int((result["runs"]["status"] == "failed").sum())
+    click.echo(f"tables: {out_dir}/results.{{md,tex,csv}}, runs.csv  ({result['seconds']:.0f} s"
+               + (f"; {failed} cell(s) FAILED, see the error column of runs.csv)" if failed else ")"))
+    if failed:
+        raise SystemExit(1)
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
+              help="Write report.md, report.tex and report.csv here.")
+@click.option("--no-published", is_flag=True, help="Leave out the published numbers.")
+def report(paths, out_dir, no_published):
+    """Tables across runs and datasets (run or ablation folders), with published numbers beside ours."""
+    from pipeline.report import ReportError, build_report
+
+    try:
+        result = build_report(paths, out_dir=out_dir, published=not no_published)
+    except ReportError as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(result["markdown"])
+
+
+@main.command()
+@click.option("--run", "run_dir", default=None, type=click.Path(exists=True, file_okay=False),
+              help="A `msdn train` run folder (its best.pt and cache are used).")
+@click.option("--checkpoint", default=None, type=click.Path(exists=True, dir_okay=False), help="[default: <run>/best.pt]")
+@click.option("--cache", "cache_path", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="[default: the cache recorded in <run>/config.json]")
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False), help="[default: <run>/pictures]")
+@click.option("--images", default=4, show_default=True, help="Attention pictures: one test image of each of N classes.")
+@click.option("--rows", default=None, help="Comma-separated cache rows to draw instead of --images.")
+@click.option("--top-k", default=3, show_default=True, help="Attributes per attention picture.")
+@click.option("--tsne-images", default=1000, show_default=True, help="Test images in the t-SNE (random subset).")
+@click.option("--image-root", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Image folder, if the images moved since extraction.")
+@click.option("--device", default="auto", show_default=True, help="auto = cuda if available, else cpu.")
+def visualize(run_dir, checkpoint, cache_path, out_dir, images, rows, top_k, tsne_images, image_root, device):
+    """PNG pictures: attention of top attributes over images, seen-unseen curve, t-SNE of features."""
+    from pipeline.visualize import VisualizeError, resolve_inputs
+    from pipeline.visualize import visualize as draw
+
+    try:
+        checkpoint, cache_path, out_dir = resolve_inputs(run_dir, checkpoint, cache_path, out_dir)
+        draw(checkpoint, cache_path, out_dir, rows=_csv(rows, int), images=images, top_k=top_k,
+             tsne_images=tsne_images, image_root=image_root, device=device, log=click.echo)
+    except (VisualizeError,) + _stage2_errors() as err:
+        raise click.ClickException(str(err)) from None
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,151 @@
+"""`msdn report`: our runs across datasets, laid out like the papers' tables (one row per method,
+per dataset ZSL | U S H), with the published numbers (pipeline/published.py) above ours in the
+columns whose dataset and backbone match the papers' (ResNet101 features on CUB, SUN, AWA2, FLO).
+
+Runs are `msdn train` folders (summary.json with a selection record), found under the given paths;
+ablation cells carry their variant name. Seeds of one method are averaged (mean ± std).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline.published import SOURCE, published_for
+from pipeline.tables import aggregate, latex_escape, mean_std, to_markdown
+
+METRICS = ("ZSL", "U", "S", "H")
+
+
+class ReportError(ValueError):
+    """No runs found, or a run folder that cannot be read."""
+
+
+def find_runs(paths) -> list[Path]:
+    """Training run folders under `paths` (evaluation-only folders are left out)."""
+    found = []
+    for root in map(Path, paths):
+        for summary in sorted([root / "summary.json"] if (root / "summary.json").is_file() else root.rglob("summary.json")):
+            data = _read(summary)
+            if "selection" in data and "test" in data:
+                found.append(summary.parent)
+    if not found:
+        raise ReportError(f"no training runs (summary.json of `msdn train`) under {', '.join(map(str, paths))}")
+    return found
+
+
+def _read(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ReportError(f"{path}: cannot read ({err})") from None
+
+
+def run_record(run_dir: Path) -> dict:
+    """Dataset, backbone, method label, seed and test scores (percent) of one run."""
+    summary, config = _read(run_dir / "summary.json"), _read(run_dir / "config.json")
+    cell = _read(run_dir / "cell.json") if (run_dir / "cell.json").is_file() else None
+    info = cell if cell and "dataset" in cell else _cache_info(config.get("run", {}).get("cache"), config)
+    head = config.get("head", {})
+    if cell:
+        method = f"ours: {cell['variant']}"
+    else:
+        method = "ours: MSDN++" if head.get("lambda_causal", 0) > 0 else "ours: MSDN (no causal)"
+    settings = {k: v for k, v in config.items() if k not in ("seed", "run")}
+    return {"method": method, "dataset": info["dataset"], "backbone": info["backbone"],
+            "image_size": info.get("image_size"), "seed": config.get("seed"), "status": "done",
+            "config_hash": hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8],
+            **{m: 100 * summary["test"][m] for m in (*METRICS, "AUSUC")}, "dir": str(run_dir)}
+
+
+def _cache_info(cache: str | None, config: dict) -> dict:
+    if cache and Path(cache).is_file():
+        from pipeline.ablate_job import cache_info
+        try:
+            return cache_info(cache)
+        except ValueError:
+            pass
+    return {"dataset": config.get("recipe", "unknown"), "backbone": "unknown", "image_size": None}
+
+
+def runs_frame(paths) -> pd.DataFrame:
+    frame = pd.DataFrame([run_record(d) for d in find_runs(paths)])
+    # one label per configuration: plain runs with the same label but other settings get their folder
+    clash = frame.groupby(["dataset", "backbone", "method"])["config_hash"].transform("nunique") > 1
+    frame.loc[clash, "method"] += " (" + frame.loc[clash, "dir"].map(lambda d: Path(d).name) + ")"
+    return frame
+
+
+def column_label(dataset: str, backbone: str, image_size) -> str:
+    return f"{dataset} ({backbone}{f' {image_size} px' if image_size else ''})"
+
+
+def build_report(paths, *, out_dir=None, published: bool = True) -> dict:
+    """{"long": DataFrame (one row per method x dataset column), "markdown", "latex"}; with
+    `out_dir`, also report.md, report.tex and report.csv there."""
+    frame = runs_frame(paths)
+    frame["column"] = [column_label(*k) for k in zip(frame["dataset"], frame["backbone"], frame["image_size"])]
+    agg = aggregate(frame, by=["column", "method"], metrics=(*METRICS, "AUSUC")).reset_index()
+    agg["source"] = "ours"
+    rows = [agg]
+    columns = list(dict.fromkeys(frame["column"]))
+    matched = []
+    if published:
+        for column in columns:
+            first = frame[frame["column"] == column].iloc[0]
+            numbers = published_for(first["dataset"], first["backbone"])
+            matched += [column] if numbers else []
+            rows.append(pd.DataFrame([{"column": column, "method": method, "source": "published", "runs": None,
+                                       **{f"{m}_mean": values[m] for m in METRICS}}
+                                      for method, values in numbers.items()]))
+    long = pd.concat([r for r in rows if not r.empty], ignore_index=True)
+    methods = list(dict.fromkeys(list(long.loc[long["source"] == "published", "method"]) +
+                                 list(long.loc[long["source"] == "ours", "method"])))
+    wide = pd.DataFrame(index=pd.Index(methods, name="method"))
+    for column in columns:
+        part = long[long["column"] == column].set_index("method")
+        for m in METRICS:
+            wide[(column, m)] = [_cell(part.loc[k], m) if k in part.index else "" for k in methods]
+    note = (f"Published: {SOURCE}; shown only for {', '.join(matched)}." if matched else
+            "No published numbers match these datasets and backbones (the papers use ResNet101 on CUB/SUN/AWA2/FLO).")
+    flat = wide.copy()
+    flat.columns = [f"{c}: {m}" for c, m in wide.columns]
+    markdown = to_markdown(flat.replace("", "-")) + f"\n{note}\n"
+    latex = _paper_latex(wide, columns, n_published=len(long.loc[long["source"] == "published", "method"].unique()), note=note)
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.md").write_text(markdown)
+        (out / "report.tex").write_text(latex)
+        long.to_csv(out / "report.csv", index=False)
+    return {"long": long, "markdown": markdown, "latex": latex}
+
+
+def _cell(row: pd.Series, metric: str) -> str:
+    """Ours: mean ± std to 2 decimals; published: the paper's 1 decimal."""
+    published = row["source"] == "published"
+    return mean_std(row[f"{metric}_mean"], None if published else row.get(f"{metric}_std"), 1 if published else 2)
+
+
+def _paper_latex(wide: pd.DataFrame, columns: list[str], n_published: int, note: str) -> str:
+    """Method rows; per dataset a ZSL column, then U S H (the papers' layout)."""
+    spec = "l" + "|".join("r" * len(METRICS) for _ in columns)
+    head1 = ["method"] + [r"\multicolumn{%d}{c}{%s}" % (len(METRICS), latex_escape(c)) for c in columns]
+    rules = " ".join(r"\cmidrule(lr){%d-%d}" % (2 + i * len(METRICS), 1 + (i + 1) * len(METRICS))
+                     for i in range(len(columns)))
+    lines = [r"\begin{tabular}{l" + spec[1:] + "}", r"\toprule", " & ".join(head1) + r" \\", rules,
+             " & ".join([""] + list(METRICS) * len(columns)) + r" \\", r"\midrule"]
+    for i, (method, row) in enumerate(wide.iterrows()):
+        if i == n_published and n_published:
+            lines.append(r"\midrule")
+        cells = [mean_std_latex(v) for v in row]
+        lines.append(" & ".join([latex_escape(method)] + cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}", "% " + note]
+    return "\n".join(lines) + "\n"
+
+
+def mean_std_latex(text: str) -> str:
+    """"82.03 ± 1.20" -> "$82.03 \\pm 1.20$"; "" and "-" -> "-"."""
+    return "$" + text.replace(" ± ", r" \pm ") + "$" if text not in ("", "-") else "-"
