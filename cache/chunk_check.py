@@ -18,20 +18,12 @@ from concurrent.futures import ThreadPoolExecutor
 import h5py
 import numpy as np
 
+from extract.chunk_codec import load_liblzf
+
 _WINDOW = 64  # rows fetched ahead of the decoding threads (bounded memory)
 
 
-def _load_lzf_decompress():
-    try:
-        fn = ctypes.CDLL(h5py.h5z.__file__).lzf_decompress
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_uint, ctypes.c_void_p, ctypes.c_uint]
-    fn.restype = ctypes.c_uint
-    return fn
-
-
-_LZF = _load_lzf_decompress()
+_LZF = load_liblzf("lzf_decompress")
 
 
 def applies(ds: h5py.Dataset) -> bool:

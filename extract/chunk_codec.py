@@ -24,17 +24,19 @@ import numpy as np
 from cache.layout import GZIP_LEVEL
 
 
-def _load_lzf():
+def load_liblzf(name: str = "lzf_compress"):
+    """liblzf's `lzf_compress` or `lzf_decompress` from h5py's filter library (same signature:
+    in, in_len, out, out_len -> bytes written, 0 on failure), or None where it is not exported."""
     try:
-        compress = ctypes.CDLL(h5py.h5z.__file__).lzf_compress  # CDLL calls release the GIL
+        fn = getattr(ctypes.CDLL(h5py.h5z.__file__), name)  # CDLL calls release the GIL
     except (OSError, AttributeError):
         return None
-    compress.argtypes = [ctypes.c_void_p, ctypes.c_uint, ctypes.c_void_p, ctypes.c_uint]
-    compress.restype = ctypes.c_uint
-    return compress
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_uint, ctypes.c_void_p, ctypes.c_uint]
+    fn.restype = ctypes.c_uint
+    return fn
 
 
-_LZF = _load_lzf()
+_LZF = load_liblzf()
 
 
 class ChunkCodec:
