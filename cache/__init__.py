@@ -1,1 +1,1 @@
-"""The HDF5 feature cache: reading (and, later, the content-addressed store)."""
+"""The HDF5 feature cache: layout, reader, and the team store (store, verify, transfer, shards, gc)."""
