@@ -343,6 +343,8 @@ def ablate(preset, recipe, cache_path, out_dir, ablations, grid, seeds, override
         result = run_ablate(options, log=lambda msg: click.echo(msg, err=True))
     except (AblationError, ValueError) + EXTRACT_ERRORS + _stage2_errors() as err:
         raise click.ClickException(str(err)) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None  # finished cells are kept; re-running resumes
     click.echo(result["paths"]["markdown"].read_text())
     failed = int((result["runs"]["status"] == "failed").sum())
     click.echo(f"tables: {out_dir}/results.{{md,tex,csv}}, runs.csv  ({result['seconds']:.0f} s"

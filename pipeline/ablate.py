@@ -215,6 +215,8 @@ def run_cells(cells: list[Cell], cache: str | Path, *, recipe: str, cache_info: 
             status = _run_cell(cell, cache, recipe, cache_info, slot["device"], worker)
         finally:
             free.put((slot, worker))
+        if stopping.is_set():
+            return
         with lock:
             done.append(cell)
             log(f"[{len(done)}/{len(todo)}] {cell.variant} seed {cell.seed}: {status}")
@@ -223,9 +225,11 @@ def run_cells(cells: list[Cell], cache: str | Path, *, recipe: str, cache_info: 
     try:
         for future in [pool.submit(run_one, c) for c in todo]:
             future.result()
-    except KeyboardInterrupt:
-        stopping.set()  # the workers got the SIGINT too; no new cell starts
+    except BaseException:  # Ctrl-C: no new cell starts, running ones stop; re-running resumes
+        stopping.set()
         pool.shutdown(wait=False, cancel_futures=True)
+        for _, worker in workers:
+            worker.kill()
         raise
     finally:
         pool.shutdown()

@@ -19,6 +19,7 @@ from pathlib import Path
 
 
 def worker_main(conn, env: dict) -> None:
+    _die_with_parent()
     os.environ.update(env)  # before torch is imported: CUDA_VISIBLE_DEVICES, OMP_NUM_THREADS
     import torch
 
@@ -37,6 +38,16 @@ def worker_main(conn, env: dict) -> None:
                 traceback.print_exc()
                 result = ("failed", f"{type(err).__name__}: {err}".splitlines()[0])
         conn.send(result)
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this worker when the ablation process dies (even by SIGKILL), so that no
+    orphan keeps training. Elsewhere the worker ends when it next reads its closed pipe. (The
+    kernel watches the *thread* that started the worker: the pool threads of run_cells live until
+    the workers are closed.)"""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
 
 class _output_to:
@@ -86,6 +97,10 @@ class Worker:
         self.proc = ctx.Process(target=worker_main, args=(child, self.env), daemon=True)
         self.proc.start()
         child.close()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.is_alive():
+            self.proc.kill()
 
     def close(self, timeout: float = 10.0) -> None:
         if self.proc is None:

@@ -197,3 +197,27 @@ def test_a_worker_that_dies_fails_only_its_cell_and_is_replaced(tmp_path):
         assert (tmp_path / "after" / "summary.json").is_file()
     finally:
         worker.close()
+
+
+def test_ctrl_c_stops_every_worker_and_exits_130(tmp_path):
+    write_tiny_cache(tmp_path / "tiny.h5")
+    proc = subprocess.Popen(["msdn", "ablate", "--recipe", "demo", "--cache", "tiny.h5", "--out", "ab",
+                             "--ablation", "full,no_causal,ava_only", "--seeds", "0", "--set", "iterations=1000000",
+                             "--set", "eval_every=500000", "--set", "batch_size=8", "--workers", "2", "--device", "cpu"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while len(list(tmp_path.glob("ab/*/seed0/config.json"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        group = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        assert len(group) >= 3  # the ablation and its two workers
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 20  # multiprocessing's resource tracker leaves when its pipe closes
+    while subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True).stdout and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split() == []
+    assert sorted(p.parent.parent.name for p in tmp_path.glob("ab/*/seed0/cell.json")) == ["full", "no_causal"]
