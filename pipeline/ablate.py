@@ -32,7 +32,7 @@ FULL_CAUSAL = 1.0  # CAL's weight of the effect loss; the "full" model uses it w
 CELL_FILE = "cell.json"
 SCORE_COLUMNS = ("ZSL", "U", "S", "H", "AUSUC")  # percent
 RUN_COLUMNS = ("variant", "seed", "status", *SCORE_COLUMNS, "gamma", "iteration", "train_s", "wall_s",
-               "error", "dir")
+               "cpu_s", "error", "dir")
 
 
 class AblationError(ValueError):
@@ -246,13 +246,13 @@ def _run_cell(cell: Cell, cache: Path, recipe: str, cache_info: dict, device: st
     write_json_atomic(cell.dir / CELL_FILE, meta)
     (cell.dir / "summary.json").unlink(missing_ok=True)
     start = time.perf_counter()
-    status, error = worker.run({"recipe": recipe, "overrides": cell.overrides, "cache": str(cache),
-                                "dir": str(cell.dir), "device": device})
-    meta["wall_seconds"] = time.perf_counter() - start
+    status, error, cpu = worker.run({"recipe": recipe, "overrides": cell.overrides, "cache": str(cache),
+                                     "dir": str(cell.dir), "device": device})
+    meta["wall_seconds"], meta["cpu_seconds"] = time.perf_counter() - start, cpu
     if status == "done" and (cell.dir / "summary.json").is_file():
         meta["status"] = "done"
         summary = json.loads((cell.dir / "summary.json").read_text())
-        text = f"H {100 * summary['test']['H']:.2f} ({meta['wall_seconds']:.0f} s)"
+        text = f"H {100 * summary['test']['H']:.2f} ({meta['wall_seconds']:.0f} s, {cpu:.0f} s CPU)"
     else:
         meta["status"], meta["error"] = "failed", error or "no summary.json written"
         text = f"FAILED: {meta['error']}"
@@ -262,12 +262,13 @@ def _run_cell(cell: Cell, cache: Path, recipe: str, cache_info: dict, device: st
 
 def collect_runs(cells: list[Cell]) -> pd.DataFrame:
     """One row per cell: factors (ablation, grid keys), variant, seed, status, scores in percent,
-    gamma, selected iteration, training seconds, cell wall seconds, error text, folder."""
+    gamma, selected iteration, training seconds, the cell's wall and CPU seconds, error text, folder."""
     rows = []
     for cell in cells:
         meta = _read_json(cell.dir / CELL_FILE) or {}
         row = {**cell.factors, "variant": cell.variant, "seed": cell.seed, "description": cell.description,
                "status": meta.get("status", "not run"), "wall_s": meta.get("wall_seconds"),
+               "cpu_s": meta.get("cpu_seconds"),
                "error": meta.get("error", ""), "dir": str(cell.dir)}
         summary = _read_json(cell.dir / "summary.json") if row["status"] == "done" else None
         if summary is not None:

@@ -87,7 +87,8 @@ def run_ablate(options: AblateOptions, log=print) -> dict:
     write_json_atomic(out / "ablation.json", {
         "preset": options.preset, "recipe": recipe, "cache": str(cache), **info, "seeds": seeds,
         "ablations": ablations, "grid": options.grid, "overrides": overrides, "workers": len(slots),
-        "cells": len(cells), "failed": int((runs["status"] == "failed").sum()), "wall_seconds": seconds})
+        "cells": len(cells), "failed": int((runs["status"] == "failed").sum()), "wall_seconds": seconds,
+        "cells_cpu_seconds": float(runs["cpu_s"].sum())})
     return {"runs": runs, "paths": paths, "seconds": seconds, "cache": str(cache)}
 
 

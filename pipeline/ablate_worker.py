@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -29,15 +30,15 @@ def worker_main(conn, env: dict) -> None:
     if "OMP_NUM_THREADS" in env:
         torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
     while (job := conn.recv()) is not None:
-        result = ("done", "")
+        status, error, cpu = "done", "", time.process_time()
         with _output_to(Path(job["dir"]) / "stderr.log"):
             try:
                 config = apply_overrides(load_recipe(job["recipe"]), job["overrides"])
                 train(config, job["cache"], job["dir"], device=job["device"], progress=False, overwrite=True)
             except Exception as err:  # noqa: BLE001 - any failure of a cell is reported, the worker goes on
                 traceback.print_exc()
-                result = ("failed", f"{type(err).__name__}: {err}".splitlines()[0])
-        conn.send(result)
+                status, error = "failed", f"{type(err).__name__}: {err}".splitlines()[0]
+        conn.send((status, error, time.process_time() - cpu))
 
 
 def _die_with_parent() -> None:
@@ -77,8 +78,10 @@ class Worker:
     def __init__(self, env: dict):
         self.env, self.proc, self.conn = env, None, None
 
-    def run(self, job: dict) -> tuple[str, str]:
-        """("done", "") or ("failed", one-line error) for one cell."""
+    def run(self, job: dict) -> tuple[str, str, float | None]:
+        """(status, error, CPU seconds of the worker): ("done", "", s) or ("failed", one-line
+        error, s) for one cell; CPU time is None when the worker died. CPU seconds, unlike wall
+        time, hardly depend on what else runs on the machine."""
         if self.proc is None or not self.proc.is_alive():
             self._start()
         try:
@@ -88,8 +91,8 @@ class Worker:
             self.proc.join()
             code, self.proc = self.proc.exitcode, None
             if code is not None and code < 0:
-                return "failed", f"worker killed by signal {-code} ({signal.Signals(-code).name})"
-            return "failed", f"worker exited with status {code}"
+                return "failed", f"worker killed by signal {-code} ({signal.Signals(-code).name})", None
+            return "failed", f"worker exited with status {code}", None
 
     def _start(self) -> None:
         ctx = multiprocessing.get_context("spawn")

@@ -51,12 +51,13 @@ def test_grid_of_2x2_variants_and_2_seeds_gives_an_8_run_frame(grid_run):
     runs = result["runs"]
     assert len(runs) == 8
     assert list(runs.columns[:3]) == ["ablation", "lambda_cal", "fusion"]  # the factors, for pandas pivots
-    assert {"variant", "seed", "status", *SCORES, "gamma", "iteration", "train_s", "wall_s", "error", "dir"} <= set(runs.columns)
+    assert {"variant", "seed", "status", *SCORES, "gamma", "iteration", "train_s", "wall_s", "cpu_s", "error",
+            "dir"} <= set(runs.columns)
     assert sorted(runs["variant"].unique()) == sorted(f"lambda_cal={a}|fusion={f}" for a in ("0.05", "0.1")
                                                       for f in ("[0.9,0.1]", "[0.5,0.5]"))
     assert runs.groupby("variant")["seed"].apply(lambda seeds: sorted(seeds) == [0, 1]).all()
     done = runs[runs["status"] == "done"]
-    assert len(done) == 7 and done[SCORES + ["train_s", "wall_s"]].notna().all().all()
+    assert len(done) == 7 and done[SCORES + ["train_s", "wall_s", "cpu_s"]].notna().all().all()
     assert ((done[SCORES] >= 0) & (done[SCORES] <= 100)).all().all()
     for _, run in done.iterrows():  # each cell really trained its own config
         config = json.loads((Path(run["dir"]) / "config.json").read_text())
@@ -192,8 +193,9 @@ def test_a_worker_that_dies_fails_only_its_cell_and_is_replaced(tmp_path):
         pid = worker.proc.pid
         os.kill(pid, signal.SIGKILL)
         thread.join(60)
-        assert result["long"] == ("failed", "worker killed by signal 9 (SIGKILL)")
-        assert worker.run(job("after", 10)) == ("done", "") and worker.proc.pid != pid
+        assert result["long"] == ("failed", "worker killed by signal 9 (SIGKILL)", None)
+        status, error, cpu = worker.run(job("after", 10))
+        assert (status, error) == ("done", "") and cpu > 0 and worker.proc.pid != pid
         assert (tmp_path / "after" / "summary.json").is_file()
     finally:
         worker.close()
