@@ -212,7 +212,7 @@ def run_cells(cells: list[Cell], cache: str | Path, *, recipe: str, cache_info: 
         try:
             if stopping.is_set():
                 return
-            status = _run_cell(cell, cache, recipe, cache_info, slot["device"], worker)
+            status = _run_cell(cell, cache, recipe, cache_info, slot["device"], worker, stopping)
         finally:
             free.put((slot, worker))
         if stopping.is_set():
@@ -238,7 +238,8 @@ def run_cells(cells: list[Cell], cache: str | Path, *, recipe: str, cache_info: 
     return collect_runs(cells)
 
 
-def _run_cell(cell: Cell, cache: Path, recipe: str, cache_info: dict, device: str, worker: Worker) -> str:
+def _run_cell(cell: Cell, cache: Path, recipe: str, cache_info: dict, device: str, worker: Worker,
+              stopping: threading.Event) -> str:
     cell.dir.mkdir(parents=True, exist_ok=True)
     meta = {"variant": cell.variant, "seed": cell.seed, "description": cell.description, "factors": cell.factors,
             "overrides": cell.overrides, "config": _normalised(cell.config), "cache": str(cache), **cache_info,
@@ -253,6 +254,8 @@ def _run_cell(cell: Cell, cache: Path, recipe: str, cache_info: dict, device: st
         meta["status"] = "done"
         summary = json.loads((cell.dir / "summary.json").read_text())
         text = f"H {100 * summary['test']['H']:.2f} ({meta['wall_seconds']:.0f} s, {cpu:.0f} s CPU)"
+    elif stopping.is_set():  # Ctrl-C: not the cell's fault; the next run redoes it
+        meta["status"], text = "interrupted", "interrupted"
     else:
         meta["status"], meta["error"] = "failed", error or "no summary.json written"
         text = f"FAILED: {meta['error']}"

@@ -223,3 +223,6 @@ def test_ctrl_c_stops_every_worker_and_exits_130(tmp_path):
         time.sleep(0.2)
     assert subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split() == []
     assert sorted(p.parent.parent.name for p in tmp_path.glob("ab/*/seed0/cell.json")) == ["full", "no_causal"]
+    runs = pd.read_csv(tmp_path / "ab" / "runs.csv")  # the tables of what finished (nothing yet) are written
+    assert runs["status"].tolist() == ["interrupted", "interrupted", "not run"]
+    assert "INTERRUPTED" in (tmp_path / "ab" / "results.tex").read_text()
