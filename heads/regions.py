@@ -23,6 +23,13 @@ class Regions:
     def feature_dim(self) -> int:
         return self.rows.shape[1]
 
+    def __len__(self) -> int:
+        return self.batch
+
+    def float(self) -> "Regions":
+        """The same regions in float32 (callers written for feature-map batches use .float())."""
+        return Regions(self.rows.float(), self.batch, self.regions)
+
 
 def _as_maps(features: torch.Tensor) -> torch.Tensor:
     if features.dim() == 4:
@@ -63,12 +70,14 @@ class RegionBank:
     otherwise.
     """
 
-    def __init__(self, source, dtype: torch.dtype = torch.float16, device="cpu", chunk: int = 256):
+    def __init__(self, source, dtype: torch.dtype = torch.float16, device="cpu", chunk: int = 256,
+                 pin_memory: bool = False):
         n = len(source)
         if n == 0:
             raise ValueError("RegionBank: the source has no images")
         _, f, R = _as_maps(_read(source, 0, 1)).shape
-        self.data = torch.empty((n, R, f), dtype=dtype, device=device)
+        # pin_memory: a host bank that feeds a GPU through asynchronous copies
+        self.data = torch.empty((n, R, f), dtype=dtype, device=device, pin_memory=pin_memory)
         for start in range(0, n, chunk):
             prepared = prepare_regions(_read(source, start, start + chunk).to(device), dtype)
             self.data[start:start + prepared.batch] = prepared.rows.view(prepared.batch, R, f)

@@ -7,11 +7,12 @@ import numpy as np
 
 from cache.reader import FeatureCache
 from heads.config import HeadConfig
+from heads.runtime import keep_freed_memory
 from pipeline.checkpoint import cache_identity, check_compatible, load_checkpoint
 from pipeline.config import TrainConfig
 from pipeline.engine import build_model, evaluate_task, resolve_amp, resolve_device
 from pipeline.runlog import RunLog, write_json_atomic
-from pipeline.store import FeatureStore
+from pipeline.store import FeatureStore, bank_dtype
 from pipeline.tasks import benchmark_task, usable_splits
 
 
@@ -26,6 +27,7 @@ def evaluate(checkpoint: str | Path, cache_path: str | Path, *, out_dir: str | P
     config = TrainConfig.from_dict(ckpt["config"], where=f"{checkpoint} (embedded config)")
     gamma = ckpt["gamma"] if gamma is None else float(gamma)
     amp = resolve_amp(amp or config.amp, device)
+    keep_freed_memory(True)  # evaluation's large temporaries reuse mapped memory (heads/runtime.py)
     batch_size = batch_size or config.eval_batch_size
     with FeatureCache(cache_path) as cache:
         identity = cache_identity(cache)
@@ -34,7 +36,7 @@ def evaluate(checkpoint: str | Path, cache_path: str | Path, *, out_dir: str | P
         labels = np.asarray(cache.labels)
         task = benchmark_task(labels, usable_splits(cache)[0], num_classes=identity["num_classes"])
         store = FeatureStore(cache, np.concatenate([task.eval_seen_rows, task.eval_unseen_rows]), device,
-                             config.feature_dtype, max_batch=batch_size)
+                             bank_dtype(config.feature_dtype, amp), max_batch=batch_size)
         model = build_model(HeadConfig.from_dict(ckpt["config"]["head"]), cache, task, device, config.seed)
         model.load_state_dict(ckpt["model"])
         report = evaluate_task(model, store, task, labels, gamma=gamma, batch_size=batch_size, amp=amp,

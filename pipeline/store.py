@@ -1,9 +1,13 @@
-"""Cached region features held where the model reads them fastest.
+"""Cached region features held where the model reads them fastest, in the layout it reads them in.
 
-On a GPU the whole feature set lives in device memory as float16/bfloat16 when it fits (CUB at
-2048x14x14: 9.5 GB in float16), so a training batch is one index_select. Otherwise it stays in
-pinned host memory and each batch is gathered into one of two pinned staging buffers and copied
-asynchronously, overlapping the copy of batch t+1 with the compute of batch t.
+The rows are converted once into a `heads.regions.RegionBank`: each region a unit-length row, laid
+out (image, region, channel) as the head's one-GEMM forward wants, so a batch is one row gather
+and no step transposes or normalises features again.
+
+On a GPU the bank lives in device memory when it fits (CUB at 2048x14x14: 9.5 GB in 16 bits), and
+the batch indices live there too: sampling and gathering never wait for the host. Otherwise the
+bank stays in pinned host memory and each batch is gathered into one of two pinned staging
+buffers and copied asynchronously, overlapping the copy of batch t+1 with the compute of batch t.
 """
 from __future__ import annotations
 
@@ -12,8 +16,29 @@ import math
 import numpy as np
 import torch
 
+from heads.regions import RegionBank, Regions
+
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 DEVICE_MEMORY_SHARE = 0.7  # leave the rest for activations, the optimiser and evaluation scores
+
+
+def bank_dtype(feature_dtype: str, amp: str) -> str:
+    """Under bf16 autocast a 16-bit bank is held in bfloat16: autocast would round float16 rows
+    to bfloat16 before every GEMM anyway, so storing them that way saves a cast per step."""
+    return "bfloat16" if amp == "bf16" and feature_dtype == "float16" else feature_dtype
+
+
+class _CacheRows:
+    """The cache rows `rows` as a sliceable source for RegionBank (read a chunk at a time)."""
+
+    def __init__(self, cache, rows: np.ndarray):
+        self.cache, self.rows = cache, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: slice) -> torch.Tensor:
+        return self.cache.features(rows=self.rows[index], dtype=torch.float32)
 
 
 class FeatureStore:
@@ -25,11 +50,10 @@ class FeatureStore:
         nbytes = len(self.rows) * math.prod(cache.feature_shape) * self.dtype.itemsize
         self.resident = self.device.type != "cuda" or nbytes < DEVICE_MEMORY_SHARE * _free_bytes(self.device)
         self.index_device = self.device if self.resident else torch.device("cpu")
-        self.features = cache.features(rows=self.rows, device=self.device if self.resident else "cpu",
-                                       dtype=self.dtype)
+        self.bank = RegionBank(_CacheRows(cache, self.rows), dtype=self.dtype, device=self.index_device,
+                               pin_memory=not self.resident)
         if not self.resident:
-            self.features = self.features.pin_memory()
-            shape = (max_batch,) + tuple(self.features.shape[1:])
+            shape = (max_batch,) + tuple(self.bank.data.shape[1:])
             self._staging = [torch.empty(shape, dtype=self.dtype).pin_memory() for _ in range(2)]
             self._copied = [None, None]
             self._turn = 0
@@ -39,7 +63,7 @@ class FeatureStore:
 
     @property
     def nbytes(self) -> int:
-        return self.features.numel() * self.features.element_size()
+        return self.bank.data.numel() * self.bank.data.element_size()
 
     def positions(self, cache_rows: np.ndarray) -> torch.Tensor:
         """Positions in this store of cache rows (all must be held)."""
@@ -48,19 +72,19 @@ class FeatureStore:
             raise KeyError("FeatureStore.positions: some rows are not held")
         return torch.as_tensor(pos, dtype=torch.long, device=self.index_device)
 
-    def gather(self, positions: torch.Tensor) -> torch.Tensor:
-        """Features at `positions` (on `index_device`), delivered on `device`."""
+    def gather(self, positions: torch.Tensor) -> Regions:
+        """Regions of the images at `positions` (on `index_device`), delivered on `device`."""
         if self.resident:
-            return self.features.index_select(0, positions)
+            return self.bank.take(positions)
         turn, self._turn = self._turn, 1 - self._turn
         if self._copied[turn] is not None:
             self._copied[turn].synchronize()  # the buffer's previous copy must be done before reuse
         staging = self._staging[turn][: len(positions)]
-        torch.index_select(self.features, 0, positions, out=staging)
+        torch.index_select(self.bank.data, 0, positions, out=staging)
         batch = staging.to(self.device, non_blocking=True)
         self._copied[turn] = torch.cuda.Event()
         self._copied[turn].record()
-        return batch
+        return Regions(batch.view(-1, self.bank.feature_dim), len(positions), self.bank.num_regions)
 
     def batches(self, positions: torch.Tensor, batch_size: int):
         """Consecutive slices of `positions`, gathered (evaluation)."""

@@ -3,20 +3,48 @@ import pytest
 import torch
 
 from cache.reader import FeatureCache
-from pipeline.store import FeatureStore
+from heads.config import HeadConfig
+from heads.msdn import MSDN
+from pipeline.store import FeatureStore, bank_dtype
 
 
-def test_store_gathers_the_cached_rows(tiny_cache):
+def test_store_gathers_the_cached_rows_as_normalised_regions(tiny_cache):
     with FeatureCache(tiny_cache) as cache:
         rows = np.array([30, 3, 7, 60, 61])
         store = FeatureStore(cache, rows, torch.device("cpu"), "float16")
-        reference = cache.lazy()[np.sort(rows)]
-    assert store.resident and len(store) == 5 and store.features.dtype == torch.float16
+        reference = cache.lazy()[np.sort(rows)].float()
+    assert store.resident and len(store) == 5 and store.bank.data.dtype == torch.float16
     pos = store.positions(np.array([61, 3]))
     assert pos.tolist() == [4, 0]
-    np.testing.assert_array_equal(store.gather(pos).float().numpy(),
-                                  reference[[4, 0]].half().float().numpy())
+    regions = store.gather(pos)
+    # (image, region, channel) rows of unit length, as the head's forward reads them
+    expected = torch.nn.functional.normalize(reference[[4, 0]].flatten(2).transpose(1, 2), dim=2)
+    assert (regions.batch, regions.regions) == (2, reference.shape[2] * reference.shape[3])
+    torch.testing.assert_close(regions.rows.float(), expected.reshape(-1, reference.shape[1]),
+                               atol=2e-3, rtol=0)
     batches = list(store.batches(store.positions(np.sort(rows)), batch_size=2))
-    assert [len(b) for b in batches] == [2, 2, 1]
+    assert [b.batch for b in batches] == [2, 2, 1]
     with pytest.raises(KeyError, match="not held"):
         store.positions(np.array([5]))
+
+
+def test_bank_dtype_follows_bf16_autocast():
+    assert bank_dtype("float16", "bf16") == "bfloat16"
+    assert bank_dtype("float16", "none") == "float16"
+    assert bank_dtype("float32", "bf16") == "float32"  # an explicit float32 bank is kept
+
+
+def test_head_scores_the_same_from_store_regions_and_raw_maps(tiny_cache):
+    """The bank's pre-normalised rows feed the head exactly as the maps it would normalise itself."""
+    with FeatureCache(tiny_cache) as cache:
+        rows = np.arange(10)
+        store = FeatureStore(cache, rows, torch.device("cpu"), "float32")
+        maps = cache.features(rows=rows, dtype=torch.float32)
+        torch.manual_seed(0)
+        model = MSDN(HeadConfig(), torch.from_numpy(cache.att).float(), torch.from_numpy(cache.w2v_att).float(),
+                     torch.arange(20), torch.arange(20, 24), feature_dim=cache.feature_shape[0])
+    with torch.no_grad():
+        from_store = model(store.gather(store.positions(rows)))
+        from_maps = model(maps)
+    torch.testing.assert_close(from_store.s1, from_maps.s1, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(from_store.s2, from_maps.s2, atol=1e-5, rtol=1e-5)
