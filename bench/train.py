@@ -1,9 +1,11 @@
 """Training and evaluation speed of the MSDN++ head on CUB-shaped synthetic feature caches.
 
 One run measures, per grid (2048 x 14 x 14 and 2048 x 7 x 7; 312 attributes, 200 classes, batch 50):
-  project    features resident as a RegionBank (pre-normalised rows, bfloat16 or float16), batch
-             indices drawn on the device, the fused one-GEMM head, bf16 autocast or float32,
-             evaluation in large no-grad batches;
+  project    the engine `msdn train` / `msdn evaluate` run (pipeline/engine.py): a FeatureStore
+             holding the rows as a resident RegionBank (pre-normalised, bfloat16 or float16),
+             the recipe's sampler drawing batch indices on the device, `engine.train_step` (the
+             fused one-GEMM head, bf16 autocast or float32, RMSprop), `engine.predict_scores`
+             (large no-grad batches);
   reference  the same maths written the obvious way (heads/reference.py: one einsum per product,
              float32), the batch copied from a float32 numpy array each step, evaluation in
              batches of 100 (the released helper's size), default glibc allocator;
@@ -44,8 +46,12 @@ from cache.reader import FeatureCache  # noqa: E402
 from heads.config import HeadConfig  # noqa: E402
 from heads.msdn import MSDN  # noqa: E402
 from heads.reference import ReferenceMSDN  # noqa: E402
-from heads.regions import RegionBank  # noqa: E402
 from heads.runtime import keep_freed_memory  # noqa: E402
+from pipeline.config import load_recipe  # noqa: E402
+from pipeline.engine import build_model, build_optimizer, predict_scores, train_step  # noqa: E402
+from pipeline.samplers import build_sampler  # noqa: E402
+from pipeline.store import FeatureStore, bank_dtype  # noqa: E402
+from pipeline.tasks import benchmark_task, usable_splits  # noqa: E402
 
 BATCH, REF_EVAL_BATCH, W2V_DIM = 50, 100, 300
 RECIPE_STEPS, RECIPE_EVALS, CUB_TEST_IMAGES = 4234, 30, 1764 + 2967
@@ -110,42 +116,34 @@ def flops(images: int, regions: int, channels: int, attributes: int, train: bool
 
 
 class Project:
-    def __init__(self, cache: FeatureCache, device: torch.device, amp: bool, seed: int):
-        torch.manual_seed(seed)
-        self.device, self.amp = device, amp
-        self.model = MSDN(HeadConfig(), torch.from_numpy(cache.att), torch.from_numpy(cache.w2v_att),
-                          torch.from_numpy(cache.seen_classes), torch.from_numpy(cache.unseen_classes),
-                          cache.feature_shape[0]).to(device)
-        self.optimizer = rmsprop(self.model.parameters())
-        bank_dtype = torch.bfloat16 if amp else torch.float16
-        self.bank = RegionBank(cache.lazy(), dtype=bank_dtype, device=device)
-        self.labels = torch.as_tensor(cache.labels, device=device)
-        self.train_rows = torch.as_tensor(cache.splits["trainval_loc"], device=device)
-        self.eval_rows = torch.as_tensor(np.concatenate([cache.splits["test_seen_loc"],
-                                                         cache.splits["test_unseen_loc"]]),
-                                         device=device)
+    """The training/evaluation engine's own path (pipeline/engine.py): the benchmark task built as
+    `msdn train` builds it, a FeatureStore (its RegionBank resident on the device), the recipe's
+    sampler drawing batches on the device, `engine.train_step` and `engine.predict_scores`."""
 
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
+    def __init__(self, cache: FeatureCache, device: torch.device, amp: str, seed: int):
+        labels = np.asarray(cache.labels)
+        task = benchmark_task(labels, usable_splits(cache)[0], num_classes=int(cache.att.shape[0]))
+        self.device, self.amp = device, amp
+        config = load_recipe("CUB")
+        self.model = build_model(HeadConfig(), cache, task, device, seed)
+        self.optimizer = build_optimizer(self.model, config)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+        self.store = FeatureStore(cache, np.concatenate([task.train_rows, task.eval_seen_rows,
+                                                         task.eval_unseen_rows]),
+                                  device, bank_dtype("float16", amp), max_batch=1000)
+        self.train_positions = self.store.positions(task.train_rows)
+        self.labels = torch.as_tensor(task.local_labels(labels[task.train_rows]), device=self.store.index_device)
+        self.sample = build_sampler(config.sampler, self.labels, BATCH, seed)
+        self.eval_rows = np.concatenate([task.eval_seen_rows, task.eval_unseen_rows])
 
     def train_step(self) -> None:
-        pick = torch.randint(len(self.train_rows), (BATCH,), device=self.device)
-        rows = self.train_rows[pick]
-        with self.autocast():
-            out = self.model(self.bank.take(rows))
-            loss = self.model.loss(out, self.labels[rows])["loss"]
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        picked = self.sample()
+        train_step(self.model, self.optimizer, self.scaler, self.store.gather(self.train_positions[picked]),
+                   self.labels[picked].to(self.device, non_blocking=True), amp=self.amp, counterfactual=False)
 
-    @torch.no_grad()
     def evaluate(self, count: int, batch: int) -> torch.Tensor:
-        rows, predictions = self.eval_rows[:count], []
-        with self.autocast():
-            for start in range(0, len(rows), batch):
-                out = self.model(self.bank.take(rows[start:start + batch]))
-                predictions.append(self.model.fused_scores(out).argmax(1))
-        return torch.cat(predictions)
+        return predict_scores(self.model, self.store, self.eval_rows[:count], batch_size=batch,
+                              amp=self.amp).argmax(1)
 
 
 class Reference:
@@ -195,7 +193,7 @@ def measure_grid(args, path: Path, device: torch.device) -> dict:
     with FeatureCache(path) as cache:
         f, H, W = cache.feature_shape
         R, A = H * W, cache.att.shape[1]
-        amps = {"project-bf16": True, "project-fp32": False}
+        amps = {"project-bf16": "bf16", "project-fp32": "none"}
         projects = {name: Project(cache, device, amp, args.seed) for name, amp in amps.items()}
         keep_freed_memory(False)
         reference = Reference(cache, device, args.seed)
@@ -232,9 +230,9 @@ def measure_grid(args, path: Path, device: torch.device) -> dict:
 def first_batch_agreement(project: Project, reference: Reference) -> float:
     """Both start from the same seeded parameters: their scores on one batch must agree (up to the
     float16 storage of the pre-normalised bank)."""
-    rows = reference.eval_rows[:8]
+    rows = np.sort(reference.eval_rows[:8])
     s1, _ = reference.model(torch.from_numpy(reference.features[rows]).to(reference.device))
-    out = project.model(project.bank.take(torch.as_tensor(rows, device=project.device)))
+    out = project.model(project.store.gather(project.store.positions(rows)))
     return float((out.s1 - s1).abs().max() / s1.abs().max())
 
 
