@@ -6,13 +6,18 @@
 
 1. Two CUB-style folders of real CUB-100 photos (shared data) with `per_class` and `scale * per_class`
    images per species (N and scale*N images), images symlinked, never copied.
-2. Bare forward: those N images decoded once, then timed through the frozen backbone for every
+2. Bare forward: the first `--bare-images` of those N images decoded once, then timed through the frozen backbone for every
    layout x batch size (inference_mode; autocast on CUDA); the best is the ceiling.
-3. `msdn extract` (the real CLI, in a subprocess) on both folders: wall time, peak RSS of the
-   largest process and of the whole process tree (main + decoding workers).
+3. `msdn extract` (the real CLI, in a subprocess) on both folders, for each `--workers` setting
+   asked (e.g. `--workers default,0,1`): wall time, peak RSS of the largest process and of the
+   whole process tree (main + decoding workers).
 4. Extraction rate = marginal rate (scale-1)*N / (T(scale*N) - T(N)): start-up (imports, weights,
    dataset index) cancels out. Prints ratio extraction / bare (target >= 0.9) and whether peak RSS
    grows with N; writes everything as JSON.
+5. The same ratio in CPU seconds per image (bare: this process; extraction: the CLI's process
+   tree, marginal). On a shared, busy machine wall-clock rates are noise while CPU seconds still say
+   how much work extraction adds per image; with `--threads 1` (one forward thread, no workers)
+   the CPU ratio is what the wall-clock ratio would be on an idle core.
 """
 from __future__ import annotations
 
@@ -70,13 +75,14 @@ def poll():
     global peak_tree
     while not stop.is_set():
         peak_tree = max(peak_tree, tree_rss_kb(proc.pid))
-        stop.wait(0.1)
+        stop.wait(0.25)
 thread = threading.Thread(target=poll, daemon=True)
 thread.start()
 rc = proc.wait()
 wall = time.perf_counter() - start
 stop.set(); thread.join()
-print(json.dumps({"rc": rc, "wall_s": wall, "peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(json.dumps({"rc": rc, "wall_s": wall, "cpu_s": kids.ru_utime + kids.ru_stime, "peak_rss_mb": kids.ru_maxrss / 1024,
                   "peak_tree_rss_mb": peak_tree / 1024}))
 """
 
@@ -117,15 +123,15 @@ def bare_forward(spec: BackboneSpec, paths: list[Path], batch_sizes, layouts, de
             if device.type == "cpu" and max_wait_s > 0:
                 wait_until_idle(max_wait_s, log=log)
             with CpuMeter() as meter:
-                rate = time_batches(model, batches, device, len(images), min_seconds)
+                rate, cpu_per_image = time_batches(model, batches, device, len(images), min_seconds)
             rows.append({"layout": layout, "batch_size": batch_size, "images_per_s": round(rate, 3),
-                         "foreign_cpu_share": round(meter.foreign_share, 3)})
-            log(f"  bare {layout:>13} batch {batch_size:3d}: {rate:8.2f} img/s "
+                         "cpu_s_per_image": round(cpu_per_image, 5), "foreign_cpu_share": round(meter.foreign_share, 3)})
+            log(f"  bare {layout:>13} batch {batch_size:3d}: {rate:8.2f} img/s, {cpu_per_image * 1000:7.1f} CPU ms/img "
                 f"(other processes: {meter.foreign_share:.0%} of the CPUs)")
     return rows
 
 
-def run_extract(folder: Path, shared: Path, out: Path, args, weights: str) -> dict:
+def run_extract(folder: Path, shared: Path, out: Path, args, weights: str, workers: str) -> dict:
     msdn = shutil.which("msdn")
     cli = [msdn] if msdn else [sys.executable, "-c", "import cli; cli.main()"]
     cmd = cli + ["extract", "--dataset", "CUB100", "--data-root", str(folder.parent),
@@ -134,12 +140,15 @@ def run_extract(folder: Path, shared: Path, out: Path, args, weights: str) -> di
                  "--device", args.device, "--out", str(out), "--no-progress", "--overwrite"]
     if args.batch_size:
         cmd += ["--batch-size", str(args.batch_size)]
-    if args.workers is not None:
-        cmd += ["--workers", str(args.workers)]
+    if workers != "default":
+        cmd += ["--workers", workers]
     if args.device == "cpu" and args.max_wait > 0:
         wait_until_idle(args.max_wait)
     with CpuMeter() as meter:
-        result = subprocess.run([sys.executable, "-c", _MEASURE_CHILD, *cmd], capture_output=True, text=True)
+        # CPU: the same torch thread count as the bare forward (the engine gives decoding workers
+        # their share of it); CUDA: the engine's own choice.
+        env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.device == "cpu" else {})}
+        result = subprocess.run([sys.executable, "-c", _MEASURE_CHILD, *cmd], capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise SystemExit(f"measuring wrapper failed:\n{result.stderr[-3000:]}")
     measured = json.loads(result.stdout.strip().splitlines()[-1])
@@ -171,8 +180,10 @@ def main(argv=None) -> None:
     parser.add_argument("--scale", type=int, default=4, help="the large run has scale x N images")
     parser.add_argument("--batch-sizes", default="1,2,4,8,16", help="bare-forward batch sizes to try")
     parser.add_argument("--layouts", default="contiguous,channels_last")
+    parser.add_argument("--bare-images", type=int, default=64, help="images (of the small set) the bare forward cycles over")
     parser.add_argument("--batch-size", type=int, default=None, help="msdn extract --batch-size (default: its own)")
-    parser.add_argument("--workers", type=int, default=None, help="msdn extract --workers (default: its own)")
+    parser.add_argument("--workers", default="default",
+                        help="comma list of msdn extract --workers settings to compare; 'default' = its own")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the bare forward")
     parser.add_argument("--min-seconds", type=float, default=3.0, help="minimum timing per bare configuration")
     parser.add_argument("--max-wait", type=float, default=120.0,
@@ -195,44 +206,66 @@ def main(argv=None) -> None:
             sizes[k] = make_cub_subset(src, tmp / f"k{k}" / "cub100_subset", k)
         small = tmp / f"k{args.per_class}" / "cub100_subset"
         paths = [small / "images" / line for line in read_id_table(small / "images.txt").values()]
+        paths = paths[:args.bare_images]
 
         print(f"bare forward over the {len(paths)} images of the small set:")
         bare = bare_forward(spec, paths, [int(b) for b in args.batch_sizes.split(",")], args.layouts.split(","),
                             device, args.min_seconds, args.max_wait, print)
         best = max(bare, key=lambda r: r["images_per_s"])
+        best_cpu = min(bare, key=lambda r: r["cpu_s_per_image"])
 
-        runs = []
-        for k, n in sizes.items():
-            measured = run_extract(tmp / f"k{k}" / "cub100_subset", shared, tmp / f"k{k}.h5", args, weights)
-            runs.append({"images": n, **measured})
-            print(f"msdn extract {n:5d} images: {measured['wall_s']:7.1f} s wall, {n / measured['wall_s']:6.2f} img/s "
-                  f"end-to-end, peak RSS {measured['peak_rss_mb']:.0f} MB (tree {measured['peak_tree_rss_mb']:.0f} MB), "
-                  f"other processes {measured['foreign_cpu_share']:.0%} of the CPUs"
-                  + (f"  [{measured['log'][0]}]" if measured["log"] else ""))
-
-    (n1, r1), (n2, r2) = [(r["images"], r) for r in runs]
-    marginal = (n2 - n1) / (r2["wall_s"] - r1["wall_s"])
-    ratio = marginal / best["images_per_s"]
-    rss_growth = r2["peak_tree_rss_mb"] / r1["peak_tree_rss_mb"]
-    print()
-    print(f"| {'measure':<52} | {'value':>10} |\n|{'-' * 54}|{'-' * 12}|")
-    for name, value in [(f"bare forward, best ({best['layout']}, batch {best['batch_size']}) img/s", best["images_per_s"]),
-                        (f"msdn extract, marginal {n1}->{n2} images, img/s", marginal),
-                        ("ratio extraction / bare (target >= 0.9)", ratio),
-                        (f"peak RSS, {n1} images, MB (largest process)", r1["peak_rss_mb"]),
-                        (f"peak RSS, {n2} images, MB (largest process)", r2["peak_rss_mb"]),
-                        (f"peak tree RSS, {n1} -> {n2} images, growth x", rss_growth)]:
-        print(f"| {name:<52} | {value:10.2f} |")
-    noisy = max([r["foreign_cpu_share"] for r in runs] + [best["foreign_cpu_share"]])
+        settings = []
+        for workers in args.workers.split(","):
+            runs = []
+            for k, n in sizes.items():
+                measured = run_extract(tmp / f"k{k}" / "cub100_subset", shared, tmp / f"k{k}.h5", args, weights,
+                                       workers)
+                runs.append({"images": n, **measured})
+                print(f"msdn extract --workers {workers} {n:5d} images: {measured['wall_s']:7.1f} s wall, "
+                      f"{n / measured['wall_s']:6.2f} img/s end-to-end, peak RSS {measured['peak_rss_mb']:.0f} MB "
+                      f"(tree {measured['peak_tree_rss_mb']:.0f} MB), other processes "
+                      f"{measured['foreign_cpu_share']:.0%} of the CPUs"
+                      + (f"\n    {measured['log'][0]}" if measured["log"] else ""))
+            settings.append(summarise(workers, runs, best, best_cpu))
+    print_table(best, best_cpu, settings)
+    noisy = max([r["foreign_cpu_share"] for s in settings for r in s["runs"]] + [best["foreign_cpu_share"]])
     if device.type == "cpu" and noisy > 0.1:
         print(f"warning: other processes used up to {noisy:.0%} of the CPUs during these timings")
     report = {"backbone": spec.to_dict(), "device": str(device), "threads": args.threads,
               "cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
-              "load_avg_1min_at_end": os.getloadavg()[0],
-              "bare": bare, "bare_best": best, "extract_runs": runs, "extract_marginal_images_per_s": marginal,
-              "ratio_extract_over_bare": ratio, "peak_tree_rss_growth": rss_growth}
+              "bare": bare, "bare_best": best, "bare_least_cpu": best_cpu, "extract": settings}
     Path(args.json).write_text(json.dumps(report, indent=1))
     print(f"wrote {args.json}")
+
+
+def summarise(workers: str, runs: list[dict], best: dict, best_cpu: dict) -> dict:
+    """Marginal rate between the two sizes (start-up cancels out) and its ratio to the bare best;
+    the same for CPU seconds per image (robust when other processes share the CPUs: it says how
+    much work extraction adds to the forward pass); how much peak memory grew with the images."""
+    (n1, r1), (n2, r2) = [(r["images"], r) for r in runs]
+    marginal = (n2 - n1) / max(r2["wall_s"] - r1["wall_s"], 1e-9)
+    cpu_per_image = (r2["cpu_s"] - r1["cpu_s"]) / (n2 - n1)
+    return {"workers": workers, "runs": runs, "marginal_images_per_s": marginal,
+            "ratio_extract_over_bare": marginal / best["images_per_s"],
+            "marginal_cpu_s_per_image": cpu_per_image,
+            "cpu_ratio_bare_over_extract": best_cpu["cpu_s_per_image"] / cpu_per_image,
+            "peak_rss_growth": r2["peak_rss_mb"] / r1["peak_rss_mb"],
+            "peak_tree_rss_growth": r2["peak_tree_rss_mb"] / r1["peak_tree_rss_mb"]}
+
+
+def print_table(best: dict, best_cpu: dict, settings: list[dict]) -> None:
+    print(f"\nbare forward, best: {best['images_per_s']:.2f} img/s ({best['layout']}, batch {best['batch_size']}); "
+          f"least CPU: {best_cpu['cpu_s_per_image'] * 1000:.1f} ms/img ({best_cpu['layout']}, batch {best_cpu['batch_size']})")
+    n1, n2 = settings[0]["runs"][0]["images"], settings[0]["runs"][1]["images"]
+    print(f"| workers | extract img/s ({n1}->{n2}) | ratio to bare (>= 0.9) | extract CPU ms/img | CPU ratio bare/extract "
+          f"| peak RSS MB {n1} / {n2} | tree peak RSS MB {n1} / {n2} |")
+    print("|---|---|---|---|---|---|---|")
+    for s in settings:
+        r1, r2 = s["runs"]
+        print(f"| {s['workers']} | {s['marginal_images_per_s']:.2f} | {s['ratio_extract_over_bare']:.2f} "
+              f"| {s['marginal_cpu_s_per_image'] * 1000:.1f} | {s['cpu_ratio_bare_over_extract']:.2f} "
+              f"| {r1['peak_rss_mb']:.0f} / {r2['peak_rss_mb']:.0f} "
+              f"| {r1['peak_tree_rss_mb']:.0f} / {r2['peak_tree_rss_mb']:.0f} |")
 
 
 if __name__ == "__main__":
