@@ -153,7 +153,7 @@ def _attention_picture(plt, att, cache, extras, labels, size, out_dir) -> list[P
         ax.axis("off")
     fig.tight_layout()
     png, npz = out_dir / f"attention_{att.row}.png", out_dir / f"attention_{att.row}.npz"
-    fig.savefig(png, dpi=100)
+    fig.savefig(png, dpi=100, bbox_inches="tight")
     plt.close(fig)
     np.savez_compressed(npz, heat=heats, attributes=att.attributes, scores=att.scores, row=att.row,
                         box=np.asarray(box if box is not None else [], dtype=np.float32))
@@ -175,7 +175,7 @@ def _curve_picture(plt, head, labels, test_rows, scores, out_dir) -> Path:
     ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
     path = out_dir / "curve.png"
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     (out_dir / "curve.json").write_text(json.dumps({"AUSUC": curve.ausuc, **curve.to_dict()}))
     return path
@@ -198,6 +198,6 @@ def _tsne_picture(plt, head, labels, test_rows, features, extras, max_images, ou
            "colour = class; o seen classes, x unseen classes")
     fig.tight_layout()
     path = out_dir / "tsne.png"
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path
