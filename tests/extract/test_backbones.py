@@ -157,14 +157,47 @@ def test_resnet_imagenet_found_in_torch_hub_cache(resnet_state_file, monkeypatch
 
 def test_local_weights_file_round_trip(resnet_state_file):
     spec = BackboneSpec("resnet101", 224, str(resnet_state_file))
-    model = build_backbone(spec)
-    reference = torch.load(resnet_state_file, weights_only=True)
-    torch.testing.assert_close(model.body[0].weight, reference["conv1.weight"], rtol=0, atol=0)
-    torch.testing.assert_close(model.body[7][2].conv3.weight, reference["layer4.2.conv3.weight"],
-                               rtol=0, atol=0)
+    reference = build_classifier(spec).model  # unfolded BatchNorm: the file's tensors as they are
+    saved = torch.load(resnet_state_file, weights_only=True)
+    assert all(torch.equal(value, saved[key]) for key, value in reference.state_dict().items())
+    x = torch.randn(1, 3, 224, 224)
+    with torch.inference_mode():
+        expected = BACKBONES["resnet101"].features(reference)(x)
+        maps = build_backbone(spec)(x)
+    torch.testing.assert_close(maps, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
     info = describe(spec)
     assert info["weights_sha256"] == hashlib.sha256(resnet_state_file.read_bytes()).hexdigest()
     assert info["random_init"] is False and info["weights_source"] == "local file"
+
+
+def test_folded_batchnorm_keeps_the_maps_of_the_imagenet_weights():
+    # Real BN statistics (random init has mean 0 / var 1, which would hide a wrong fold).
+    spec = BackboneSpec("efficientnet_lite0", 96, "imagenet")
+    x = torch.randn(2, 3, 96, 96)
+    with torch.inference_mode():
+        expected = build_classifier(spec).model(x)
+        folded = build_backbone(spec)
+        maps = folded(x)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    torch.testing.assert_close(maps, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_resnet_fold_with_nontrivial_batchnorm_statistics():
+    model = build_classifier(BackboneSpec("resnet101", 64, "random")).model
+    generator = torch.Generator().manual_seed(0)
+    for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        n = bn.num_features
+        bn.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
+        bn.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+        bn.weight.data.copy_(torch.rand(n, generator=generator) + 0.5)
+        bn.bias.data.copy_(torch.randn(n, generator=generator) * 0.1)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        expected = BACKBONES["resnet101"].features(model)(x)
+        folded = BACKBONES["resnet101"].features(BACKBONES["resnet101"].fold_batchnorm(model))
+        maps = folded(x)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    torch.testing.assert_close(maps, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
 
 
 def test_bad_weights_files_name_the_file(tmp_path, random_backbones):
