@@ -27,13 +27,26 @@ def find_runs(paths) -> list[Path]:
     """Training run folders under `paths` (evaluation-only folders are left out)."""
     found = []
     for root in map(Path, paths):
-        for summary in sorted([root / "summary.json"] if (root / "summary.json").is_file() else root.rglob("summary.json")):
+        summaries = [root / "summary.json"] if (root / "summary.json").is_file() else sorted(root.rglob("summary.json"))
+        summaries.sort(key=_plan_order(root))
+        for summary in summaries:
             data = _read(summary)
             if "selection" in data and "test" in data:
                 found.append(summary.parent)
     if not found:
         raise ReportError(f"no training runs (summary.json of `msdn train`) under {', '.join(map(str, paths))}")
     return found
+
+
+def _plan_order(root: Path):
+    """Sort key: an ablation folder's cells in the order it planned them (its runs.csv), so that
+    the report lists variants as the ablation did; anything else after them, by path."""
+    try:
+        planned = [Path(d).resolve() for d in pd.read_csv(root / "runs.csv")["dir"]]
+    except (OSError, KeyError, ValueError):
+        planned = []
+    rank = {d: i for i, d in enumerate(planned)}
+    return lambda summary: (rank.get(summary.parent.resolve(), len(rank)), str(summary))
 
 
 def _read(path: Path) -> dict:
