@@ -27,7 +27,8 @@ from extract.backbone_weights import (ALLOW_DOWNLOAD_ENV, BackboneWeightsError, 
 from extract.efficientnet_lite import EfficientNetLite0
 
 __all__ = ["BACKBONES", "BackboneSpec", "BackboneWeightsError", "FrozenBackbone", "build_backbone",
-           "build_classifier", "build_transform", "describe", "feature_shape", "recommended_cpu_batch",
+           "build_classifier", "build_transform", "describe", "feature_shape", "normalize_images",
+           "recommended_cpu_batch",
            "resnet101_cache_path", "resolve_weights", "weights_sha256"]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -203,16 +204,28 @@ def _to_rgb(image):
 
 
 def build_transform(spec: BackboneSpec, *, normalize: bool = True) -> Callable:
-    """PIL image -> float tensor (3, S, S): RGB, Resize(S) on the shorter side, CenterCrop(S), then
-    the backbone's normalisation (normalize=False leaves 0..1 values for normalising on device).
+    """PIL image -> tensor (3, S, S): RGB, Resize(S) on the shorter side, CenterCrop(S), then the
+    backbone's normalisation (float32). normalize=False returns the uint8 pixels instead, to be
+    normalised per batch by `normalize_images` where the batch is (e.g. on the GPU): a quarter
+    of the bytes to collate, pin and copy, and less work per image in the decoding workers.
     Picklable, so DataLoader workers can use it."""
     info = BACKBONES[spec.name]
     steps = [T.Lambda(_to_rgb), T.Resize(spec.image_size, interpolation=T.InterpolationMode.BILINEAR,
                                           antialias=True),
-             T.CenterCrop(spec.image_size), T.ToTensor()]
-    if normalize:
-        steps.append(T.Normalize(info.mean, info.std))
-    return T.Compose(steps)
+             T.CenterCrop(spec.image_size)]
+    if not normalize:
+        return T.Compose(steps + [T.PILToTensor()])
+    return T.Compose(steps + [T.ToTensor(), T.Normalize(info.mean, info.std)])
+
+
+def normalize_images(spec: BackboneSpec, images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 pixels (..., 3, S, S) from build_transform(normalize=False) -> the normalised float
+    input the backbone expects, on the images' device and in their memory format:
+    (x / 255 - mean) / std, i.e. x * (1 / (255 std)) - mean / std (x/127.5 - 1 for Lite0)."""
+    info = BACKBONES[spec.name]
+    scale = torch.tensor([1.0 / (255.0 * s) for s in info.std], device=images.device).view(3, 1, 1)
+    shift = torch.tensor([m / s for m, s in zip(info.mean, info.std)], device=images.device).view(3, 1, 1)
+    return (images.to(torch.float32) * scale - shift).to(dtype)
 
 
 def feature_shape(spec: BackboneSpec) -> tuple[int, int, int]:

@@ -8,7 +8,7 @@ from PIL import Image
 
 from extract.backbones import (BACKBONES, BackboneSpec, BackboneWeightsError, build_backbone,
                                build_classifier, build_transform, describe, feature_shape,
-                               recommended_cpu_batch, resnet101_cache_path, weights_sha256)
+                               normalize_images, recommended_cpu_batch, resnet101_cache_path, weights_sha256)
 
 # ImageNet-1k bird classes (torchvision's category list, checked by name): 7 cock .. 24 great grey owl
 # (gamefowl, ostrich, finches/buntings, robin, bulbul, jay, magpie, chickadee, water ouzel, raptors,
@@ -118,6 +118,18 @@ def test_resnet_transform_is_imagenet_mean_std_and_rgb():
     assert x.shape == (3, 448, 448)
     mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
     torch.testing.assert_close(x[:, 200, 200], (128 / 255 - mean) / std)
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_uint8_transform_then_batch_normalisation_equals_the_float_transform(name, shared_data):
+    spec = BackboneSpec(name, 224)
+    image = Image.open(sorted((shared_data / "cub100_subset" / "images" / "Mallard").glob("*.jpg"))[0])
+    pixels = build_transform(spec, normalize=False)(image)
+    assert pixels.dtype == torch.uint8 and pixels.shape == (3, 224, 224)
+    batch = torch.stack([pixels, pixels]).contiguous(memory_format=torch.channels_last)
+    normalised = normalize_images(spec, batch)
+    assert normalised.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(normalised[1], build_transform(spec)(image), rtol=0, atol=1e-5)
 
 
 def test_lite0_imagenet_weights_see_birds_in_cub_photos(shared_data):
