@@ -235,7 +235,9 @@ def run_cells(cells: list[Cell], cache: str | Path, *, recipe: str, cache_info: 
         pool.shutdown()
         for _, worker in workers:
             worker.close()
-    return collect_runs(cells)
+    runs = collect_runs(cells)
+    runs.attrs["cells_run"] = len(todo)  # this invocation's share; the rest were finished before
+    return runs
 
 
 def _run_cell(cell: Cell, cache: Path, recipe: str, cache_info: dict, device: str, worker: Worker,

@@ -8,6 +8,7 @@ Presets are the README's worked examples, each one command:
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,12 +92,23 @@ def run_ablate(options: AblateOptions, log=print) -> dict:
         raise
     seconds = time.perf_counter() - start
     paths = write_tables(runs, out, caption=caption)
+    previous = _read_history(out / "ablation.json")
     write_json_atomic(out / "ablation.json", {
         "preset": options.preset, "recipe": recipe, "cache": str(cache), **info, "seeds": seeds,
         "ablations": ablations, "grid": options.grid, "overrides": overrides, "workers": len(slots),
-        "cells": len(cells), "failed": int((runs["status"] == "failed").sum()), "wall_seconds": seconds,
-        "cells_cpu_seconds": float(runs["cpu_s"].sum())})
+        "cells": len(cells), "failed": int((runs["status"] == "failed").sum()),
+        "cells_cpu_seconds": float(runs["cpu_s"].sum()),
+        # one entry per invocation: a re-run that only skips finished cells keeps the first run's time
+        "history": previous + [{"finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "wall_seconds": seconds,
+                                "cells_run": runs.attrs.get("cells_run")}]})
     return {"runs": runs, "paths": paths, "seconds": seconds, "cache": str(cache)}
+
+
+def _read_history(path: Path) -> list:
+    try:
+        return list(json.loads(path.read_text()).get("history", []))
+    except (OSError, ValueError, AttributeError):
+        return []
 
 
 def _preset(name: str | None) -> Preset | None:

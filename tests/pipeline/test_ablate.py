@@ -88,6 +88,8 @@ def test_rerun_skips_finished_cells_and_redoes_the_failed_one(grid_run):
     assert "8 cells: 7 finished before, 1 to run" in log[1]
     assert {d: (root / d / "summary.json").stat().st_mtime_ns for d in stamps} == stamps
     assert (again["runs"]["status"] == "done").all()
+    history = json.loads((root / "ablation" / "ablation.json").read_text())["history"]
+    assert [h["cells_run"] for h in history] == [8, 1]
     kept = again["runs"].set_index("dir").loc[list(stamps), SCORES]
     pd.testing.assert_frame_equal(kept, first["runs"].set_index("dir").loc[list(stamps), SCORES])
 
