@@ -308,8 +308,12 @@ def cache_export(target, file, cache_dir, dtype, compression):
 
 
 # ----------------------------------------------------------------------------- ablations, reports, pictures
-def _csv(text: str | None, cast=str) -> list | None:
-    return None if text is None else [cast(v.strip()) for v in text.split(",") if v.strip()]
+def _csv(text: str | None, cast=str, option: str = "") -> list | None:
+    try:
+        return None if text is None else [cast(v.strip()) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated {cast.__name__} values, got {text!r}",
+                                 param_hint=option) from None
 
 
 @main.command()
@@ -338,7 +342,7 @@ def ablate(preset, recipe, cache_path, out_dir, ablations, grid, seeds, override
 
     try:
         options = AblateOptions(out=out_dir, recipe=recipe, cache=cache_path, preset=preset, ablations=_csv(ablations),
-                                grid=list(grid), seeds=_csv(seeds, int), overrides=list(overrides),
+                                grid=list(grid), seeds=_csv(seeds, int, "--seeds"), overrides=list(overrides),
                                 workers=workers, device=device, overwrite=overwrite)
         result = run_ablate(options, log=lambda msg: click.echo(msg, err=True))
     except (AblationError, ValueError) + EXTRACT_ERRORS + _stage2_errors() as err:
@@ -390,7 +394,7 @@ def visualize(run_dir, checkpoint, cache_path, out_dir, images, rows, top_k, tsn
 
     try:
         checkpoint, cache_path, out_dir = resolve_inputs(run_dir, checkpoint, cache_path, out_dir)
-        draw(checkpoint, cache_path, out_dir, rows=_csv(rows, int), images=images, top_k=top_k,
+        draw(checkpoint, cache_path, out_dir, rows=_csv(rows, int, "--rows"), images=images, top_k=top_k,
              tsne_images=tsne_images, image_root=image_root, device=device, log=click.echo)
     except (VisualizeError,) + _stage2_errors() as err:
         raise click.ClickException(str(err)) from None
