@@ -57,3 +57,18 @@ def tiny_config(**overrides):
     base = {"iterations": 60, "eval_every": 20, "log_every": 10, "batch_size": 8, "lr": 3e-3,
             "select_iterations": True, "eval_batch_size": 16}
     return apply_overrides(load_recipe("demo"), {**base, **overrides})
+
+
+@pytest.fixture(scope="session")
+def demo_cache(tmp_path_factory):
+    """(dataset, cache path): the built-in demo set with `msdn demo`'s parameters, rendered and
+    extracted with its backbone (EfficientNet-Lite0 ImageNet weights, 224 px) once per test session."""
+    from extract.backbones import BackboneSpec
+    from extract.datasets import build_dataset
+    from extract.engine import extract_features
+    from pipeline.demo import DEMO_BACKBONE, DEMO_IMAGE_SIZE
+    root = tmp_path_factory.mktemp("demo_cache")
+    dataset = build_dataset("demo", root=root / "data")
+    cache = extract_features(dataset, BackboneSpec(DEMO_BACKBONE, DEMO_IMAGE_SIZE), root / "demo.h5", device="cpu",
+                             progress=False, log=lambda msg: None)
+    return dataset, cache
