@@ -171,7 +171,7 @@ def test_grid_parsing_and_bad_input_fail_before_work(tmp_path):
 def test_presets_plan_valid_grids(tmp_path):
     demo = plan_cells("demo", tmp_path, ablations=list(builtin_ablations(load_recipe("demo"))),
                       seeds=PRESETS["demo"].seeds, overrides=list(PRESETS["demo"].overrides))
-    assert len(demo) == 24 and all(c.config.iterations == 200 for c in demo)
+    assert len(demo) == 36 and all(c.config.iterations == load_recipe("demo").iterations for c in demo)
     cub = plan_cells("CUB100", tmp_path, ablations=list(PRESETS["cub100"].ablations), seeds=PRESETS["cub100"].seeds)
     assert all(cell_state(c, "key") == "todo" for c in cub)
 
