@@ -64,6 +64,8 @@ def run_record(run_dir: Path) -> dict:
     head = config.get("head", {})
     if cell:
         method = f"ours: {cell['variant']}"
+    elif "method" in config:  # `msdn baseline` runs name their method (e.g. "eszsl")
+        method = f"ours: {config['method'].upper()} baseline"
     else:
         method = "ours: MSDN++" if head.get("lambda_causal", 0) > 0 else "ours: MSDN (no causal)"
     settings = {k: v for k, v in config.items() if k not in ("seed", "run")}

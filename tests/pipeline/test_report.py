@@ -36,6 +36,8 @@ def runs(tmp_path_factory):
                                ("cub-msdn", cub, dict(seed=0)),
                                ("lite-s0", lite, dict(seed=0, lambda_causal=0.5))):
         summaries[name] = train(tiny_config(**quick, **extra), cache, root / "runs" / name, progress=False)
+    from pipeline.baselines import run_baseline
+    run_baseline(lite, root / "runs" / "lite-eszsl")
     (root / "runs" / "eval-only").mkdir()  # an evaluation folder is not a training run
     (root / "runs" / "eval-only" / "summary.json").write_text(json.dumps({"test": {}, "checkpoint": "x"}))
     return root, summaries
@@ -47,7 +49,8 @@ def test_report_lays_out_methods_by_dataset_with_published_numbers_where_they_ma
     long = result["long"]
     ours = long[long["source"] == "ours"].set_index(["column", "method"])
     cub_col, lite_col = "CUB (resnet101 448 px)", "CUB100 (efficientnet_lite0 224 px)"
-    assert set(ours.index) == {(cub_col, "ours: MSDN++"), (cub_col, "ours: MSDN (no causal)"), (lite_col, "ours: MSDN++")}
+    assert set(ours.index) == {(cub_col, "ours: MSDN++"), (cub_col, "ours: MSDN (no causal)"), (lite_col, "ours: MSDN++"),
+                               (lite_col, "ours: ESZSL baseline")}
     h = [100 * summaries[n]["test"]["H"] for n in ("cub-s0", "cub-s1")]
     assert ours.at[(cub_col, "ours: MSDN++"), "runs"] == 2
     assert ours.at[(cub_col, "ours: MSDN++"), "H_mean"] == pytest.approx(np.mean(h))
