@@ -232,9 +232,11 @@ def run_cells(cells: list[Cell], cache: str | Path, *, recipe: str, cache_info: 
             worker.kill()
         raise
     finally:
-        pool.shutdown()
+        # workers first: each dies with the pool thread that started it (PR_SET_PDEATHSIG), and a
+        # worker killed that way leaks its semaphores instead of exiting cleanly
         for _, worker in workers:
             worker.close()
+        pool.shutdown()
     runs = collect_runs(cells)
     runs.attrs["cells_run"] = len(todo)  # this invocation's share; the rest were finished before
     return runs

@@ -137,6 +137,18 @@ def test_the_cli_prints_the_table_and_exits_1_when_a_cell_failed(tmp_path):
     assert pd.read_csv(tmp_path / "ab" / "runs.csv")["status"].tolist() == ["failed"]
 
 
+def test_workers_exit_cleanly_after_the_last_cell(tmp_path):
+    """A worker dies with the pool thread that started it (PR_SET_PDEATHSIG): closing the pool
+    before the workers killed them and leaked their semaphores (a warning at every exit)."""
+    write_tiny_cache(tmp_path / "tiny.h5")
+    sets = [a for q in QUICK for a in ("--set", q)]
+    done = subprocess.run(["msdn", "ablate", "--recipe", "demo", "--cache", "tiny.h5", "--out", "ab", *sets,
+                           "--ablation", "full", "--seeds", "0", "--workers", "1", "--device", "cpu"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "leaked semaphore" not in done.stderr, done.stderr
+
+
 def test_builtin_ablations_change_what_their_names_say():
     base = load_recipe("CUB")
     reg = builtin_ablations(base)
