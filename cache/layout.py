@@ -107,6 +107,7 @@ def create_cache_file(path: str | Path, *, dataset, feature_shape: tuple[int, in
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     n, (c, h, w) = dataset.num_images, feature_shape
     tmp = path.with_name(path.name + ".creating")
+    path.parent.mkdir(parents=True, exist_ok=True)  # `--out runs/new/cub.h5` makes runs/new
     with h5py.File(tmp, "w", libver=LIBVER) as f:
         f.create_dataset(FEATURES, shape=(n, c, h, w), dtype=DTYPES[dtype], chunks=(1, c, h, w),
                          fillvalue=0, **compression_options(compression))

@@ -60,6 +60,11 @@ def test_file_layout(tiny, tmp_path, dtype, compression):
         assert f.attrs["content_key"] and f.attrs["format"] == "msdn-feature-cache"
 
 
+def test_missing_output_folders_are_created(tiny, tmp_path):
+    out, _ = run(tiny, tmp_path / "runs" / "new" / "f.h5")
+    assert out == tmp_path / "runs" / "new" / "f.h5" and out.is_file()
+
+
 def test_finished_file_is_up_to_date_and_untouched(tiny, tmp_path):
     out, _ = run(tiny, tmp_path / "f.h5")
     before = out.stat().st_mtime_ns
