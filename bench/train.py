@@ -1,7 +1,7 @@
 """Training and evaluation speed of the MSDN++ head on CUB-shaped synthetic feature caches.
 
 One run measures, per grid (2048 x 14 x 14 and 2048 x 7 x 7; 312 attributes, 200 classes, batch 50):
-  project    the engine `msdn train` / `msdn evaluate` run (pipeline/engine.py): a FeatureStore
+  project    the engine `msdn train` / `msdn evaluate` run (pipeline/engine.py): a ResidentFeatures
              holding the rows as a resident RegionBank (pre-normalised, bfloat16 or float16),
              the recipe's sampler drawing batch indices on the device, `engine.train_step` (the
              fused one-GEMM head, bf16 autocast or float32, RMSprop), `engine.predict_scores`
@@ -50,7 +50,7 @@ from heads.runtime import keep_freed_memory  # noqa: E402
 from pipeline.config import load_recipe  # noqa: E402
 from pipeline.engine import build_model, build_optimizer, predict_scores, train_step  # noqa: E402
 from pipeline.samplers import build_sampler  # noqa: E402
-from pipeline.store import FeatureStore, bank_dtype  # noqa: E402
+from pipeline.resident import ResidentFeatures, bank_dtype  # noqa: E402
 from pipeline.tasks import benchmark_task, usable_splits  # noqa: E402
 
 BATCH, REF_EVAL_BATCH, W2V_DIM = 50, 100, 300
@@ -117,7 +117,7 @@ def flops(images: int, regions: int, channels: int, attributes: int, train: bool
 
 class Project:
     """The training/evaluation engine's own path (pipeline/engine.py): the benchmark task built as
-    `msdn train` builds it, a FeatureStore (its RegionBank resident on the device), the recipe's
+    `msdn train` builds it, a ResidentFeatures (its RegionBank resident on the device), the recipe's
     sampler drawing batches on the device, `engine.train_step` and `engine.predict_scores`."""
 
     def __init__(self, cache: FeatureCache, device: torch.device, amp: str, seed: int):
@@ -128,7 +128,7 @@ class Project:
         self.model = build_model(HeadConfig(), cache, task, device, seed)
         self.optimizer = build_optimizer(self.model, config)
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
-        self.store = FeatureStore(cache, np.concatenate([task.train_rows, task.eval_seen_rows,
+        self.store = ResidentFeatures(cache, np.concatenate([task.train_rows, task.eval_seen_rows,
                                                          task.eval_unseen_rows]),
                                   device, bank_dtype("float16", amp), max_batch=1000)
         self.train_positions = self.store.positions(task.train_rows)

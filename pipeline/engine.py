@@ -1,7 +1,7 @@
 """The training loop and the scorer: what `pipeline/train.py` and `pipeline/evaluate.py` run.
 
 The loop never waits for the device inside a step: batches are sampled where the features live
-(a FeatureStore's RegionBank: one row gather per batch), losses accumulate on the device, and the
+(a ResidentFeatures's RegionBank: one row gather per batch), losses accumulate on the device, and the
 host reads them back only every `log_every` steps.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from heads.msdn import MSDN
 from heads.regions import Regions
 from pipeline.metrics import gzsl_accuracy, gzsl_report, harmonic_mean
 from pipeline.samplers import build_sampler
-from pipeline.store import FeatureStore
+from pipeline.resident import ResidentFeatures
 from pipeline.tasks import Task
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -93,7 +93,7 @@ def train_step(model: MSDN, optimizer: torch.optim.Optimizer, scaler: torch.amp.
     return losses
 
 
-def fit(model: MSDN, store: FeatureStore, train_rows: np.ndarray, train_labels: np.ndarray, config, *,
+def fit(model: MSDN, store: ResidentFeatures, train_rows: np.ndarray, train_labels: np.ndarray, config, *,
         steps: int, amp: str, on_eval: Callable[[int, dict], None] | None = None, eval_every: int | None = None,
         desc: str = "train", progress: bool = True) -> dict:
     """Train `model` for `steps` RMSprop steps on the given rows; call `on_eval(step, losses)` every
@@ -141,7 +141,7 @@ def fit(model: MSDN, store: FeatureStore, train_rows: np.ndarray, train_labels: 
 
 
 @torch.inference_mode()
-def predict_scores(model: MSDN, store: FeatureStore, rows: np.ndarray, *, batch_size: int, amp: str) -> torch.Tensor:
+def predict_scores(model: MSDN, store: ResidentFeatures, rows: np.ndarray, *, batch_size: int, amp: str) -> torch.Tensor:
     """Fused, biased class scores (N, K) in float32 for the cache rows, in large no-grad batches."""
     model.eval()
     chunks = []
@@ -151,7 +151,7 @@ def predict_scores(model: MSDN, store: FeatureStore, rows: np.ndarray, *, batch_
     return torch.cat(chunks)
 
 
-def evaluate_task(model: MSDN, store: FeatureStore, task: Task, labels: np.ndarray, *, gamma: float,
+def evaluate_task(model: MSDN, store: ResidentFeatures, task: Task, labels: np.ndarray, *, gamma: float,
                   batch_size: int, amp: str, with_curve: bool = False) -> dict:
     """ZSL, U/S/H at `gamma`, AUSUC, and the best-H point of the exact seen-unseen curve."""
     scores_seen = predict_scores(model, store, task.eval_seen_rows, batch_size=batch_size, amp=amp)

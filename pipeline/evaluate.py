@@ -12,7 +12,7 @@ from pipeline.checkpoint import cache_identity, check_compatible, load_checkpoin
 from pipeline.config import TrainConfig
 from pipeline.engine import build_model, evaluate_task, resolve_amp, resolve_device
 from pipeline.runlog import RunLog, write_json_atomic
-from pipeline.store import FeatureStore, bank_dtype
+from pipeline.resident import ResidentFeatures, bank_dtype
 from pipeline.tasks import benchmark_task, usable_splits
 
 
@@ -35,7 +35,7 @@ def evaluate(checkpoint: str | Path, cache_path: str | Path, *, out_dir: str | P
         run = RunLog(out_dir, overwrite=overwrite) if out_dir is not None else None
         labels = np.asarray(cache.labels)
         task = benchmark_task(labels, usable_splits(cache)[0], num_classes=identity["num_classes"])
-        store = FeatureStore(cache, np.concatenate([task.eval_seen_rows, task.eval_unseen_rows]), device,
+        store = ResidentFeatures(cache, np.concatenate([task.eval_seen_rows, task.eval_unseen_rows]), device,
                              bank_dtype(config.feature_dtype, amp), max_batch=batch_size)
         model = build_model(HeadConfig.from_dict(ckpt["config"]["head"]), cache, task, device, config.seed)
         model.load_state_dict(ckpt["model"])

@@ -27,7 +27,7 @@ from pipeline.config import TrainConfig
 from pipeline.engine import (build_model, deterministic_mode, evaluate_task, fit, resolve_amp,
                              resolve_device)
 from pipeline.runlog import RunLog, write_json_atomic
-from pipeline.store import FeatureStore, bank_dtype
+from pipeline.resident import ResidentFeatures, bank_dtype
 from pipeline.tasks import Task, benchmark_task, usable_splits, validation_task
 
 SCORE_KEYS = ("ZSL", "U", "S", "H", "AUSUC", "gamma")
@@ -56,7 +56,7 @@ def train(config: TrainConfig, cache_path: str | Path, out_dir: str | Path, *, d
             "deterministic": deterministic, "paper_protocol": paper_protocol, "skipped_rows_dropped": skipped,
             "tasks": [t.describe() for t in (val, test) if t is not None]}})
         rows = np.concatenate([test.train_rows, test.eval_seen_rows, test.eval_unseen_rows])
-        store = FeatureStore(cache, rows, device, bank_dtype(config.feature_dtype, amp),
+        store = ResidentFeatures(cache, rows, device, bank_dtype(config.feature_dtype, amp),
                              max_batch=max(config.batch_size, config.eval_batch_size))
         common = dict(cache=cache, store=store, labels=labels, amp=amp, run=run, progress=progress)
         if val is not None:

@@ -20,7 +20,7 @@ from cache.reader import FeatureCache
 from pipeline.attention import attribute_features, heat_in_image, load_trained, top_attribute_attention
 from pipeline.engine import resolve_device
 from pipeline.metrics import gzsl_accuracy, seen_unseen_curve
-from pipeline.store import FeatureStore
+from pipeline.resident import ResidentFeatures
 
 
 class VisualizeError(ValueError):
@@ -117,7 +117,7 @@ def visualize(checkpoint: str | Path, cache_path: str | Path, out_dir: str | Pat
         elif rows.size:
             log("no attention pictures: this head has no attribute→visual sub-net")
         test_rows = np.concatenate([head.task.eval_seen_rows, head.task.eval_unseen_rows])
-        store = FeatureStore(cache, test_rows, device, "float16", max_batch=256)
+        store = ResidentFeatures(cache, test_rows, device, "float16", max_batch=256)
         features, scores = attribute_features(head, store, test_rows)
     written.append(_curve_picture(plt, head, labels, test_rows, scores, out_dir))
     written.append(_tsne_picture(plt, head, labels, test_rows, features, extras, tsne_images, out_dir))

@@ -5,13 +5,13 @@ import torch
 from cache.reader import FeatureCache
 from heads.config import HeadConfig
 from heads.msdn import MSDN
-from pipeline.store import FeatureStore, bank_dtype
+from pipeline.resident import ResidentFeatures, bank_dtype
 
 
 def test_store_gathers_the_cached_rows_as_normalised_regions(tiny_cache):
     with FeatureCache(tiny_cache) as cache:
         rows = np.array([30, 3, 7, 60, 61])
-        store = FeatureStore(cache, rows, torch.device("cpu"), "float16")
+        store = ResidentFeatures(cache, rows, torch.device("cpu"), "float16")
         reference = cache.lazy()[np.sort(rows)].float()
     assert store.resident and len(store) == 5 and store.bank.data.dtype == torch.float16
     pos = store.positions(np.array([61, 3]))
@@ -38,7 +38,7 @@ def test_head_scores_the_same_from_store_regions_and_raw_maps(tiny_cache):
     """The bank's pre-normalised rows feed the head exactly as the maps it would normalise itself."""
     with FeatureCache(tiny_cache) as cache:
         rows = np.arange(10)
-        store = FeatureStore(cache, rows, torch.device("cpu"), "float32")
+        store = ResidentFeatures(cache, rows, torch.device("cpu"), "float32")
         maps = cache.features(rows=rows, dtype=torch.float32)
         torch.manual_seed(0)
         model = MSDN(HeadConfig(), torch.from_numpy(cache.att).float(), torch.from_numpy(cache.w2v_att).float(),

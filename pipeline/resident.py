@@ -41,7 +41,7 @@ class _CacheRows:
         return self.cache.features(rows=self.rows[index], dtype=torch.float32)
 
 
-class FeatureStore:
+class ResidentFeatures:
     def __init__(self, cache, rows: np.ndarray, device: torch.device, dtype: str = "float16",
                  max_batch: int = 1024):
         self.rows = np.unique(rows)
@@ -69,7 +69,7 @@ class FeatureStore:
         """Positions in this store of cache rows (all must be held)."""
         pos = np.searchsorted(self.rows, cache_rows)
         if len(cache_rows) and (pos.max() >= len(self.rows) or not np.array_equal(self.rows[pos], cache_rows)):
-            raise KeyError("FeatureStore.positions: some rows are not held")
+            raise KeyError("ResidentFeatures.positions: some rows are not held")
         return torch.as_tensor(pos, dtype=torch.long, device=self.index_device)
 
     def gather(self, positions: torch.Tensor) -> Regions:
