@@ -230,13 +230,15 @@ def run_cells(cells: list[Cell], cache: str | Path, *, recipe: str, cache_info: 
         pool.shutdown(wait=False, cancel_futures=True)
         for _, worker in workers:
             worker.kill()
-        raise
-    finally:
-        # workers first: each dies with the pool thread that started it (PR_SET_PDEATHSIG), and a
-        # worker killed that way leaks its semaphores instead of exiting cleanly
+        pool.shutdown()  # each pool thread sees its worker die and returns
         for _, worker in workers:
             worker.close()
-        pool.shutdown()
+        raise
+    # Workers before the pool: each worker dies with the pool thread that started it
+    # (PR_SET_PDEATHSIG), and a worker killed that way leaks its semaphores instead of exiting.
+    for _, worker in workers:
+        worker.close()
+    pool.shutdown()
     runs = collect_runs(cells)
     runs.attrs["cells_run"] = len(todo)  # this invocation's share; the rest were finished before
     return runs

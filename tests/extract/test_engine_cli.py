@@ -57,9 +57,16 @@ def done_rows(path: Path) -> int:
         return 0
 
 
-def start_and_stop(args, out, sig, at_least=6, timeout=180):
+def default_sigint():
+    """In the child: Ctrl-C as a terminal delivers it. A shell starts background jobs with SIGINT
+    ignored, and that disposition is inherited, so a test suite run with `&` would test nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def start_and_stop(args, out, sig, at_least=6, timeout=180, env=None):
     proc = subprocess.Popen([sys.executable, "cli.py", *args], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
+                            preexec_fn=default_sigint)
     deadline = time.time() + timeout
     try:
         while done_rows(partial_path(out)) < at_least:
@@ -107,7 +114,10 @@ def test_killed_run_resumes_without_recomputing_and_matches_an_uninterrupted_run
 
 def test_ctrl_c_closes_the_file_cleanly(data_root, shared_data, tmp_path):
     out = tmp_path / "cub.h5"
-    returncode, err = start_and_stop(cli_args(data_root, shared_data, out), out, signal.SIGINT, at_least=2)
+    # 448 px on one thread: the 38 rows after the second take seconds, so on an idle machine the
+    # run cannot finish between the check and the signal (at 224 px it once did, exiting 0)
+    returncode, err = start_and_stop(cli_args(data_root, shared_data, out, size=448), out, signal.SIGINT,
+                                     at_least=2, env={"OMP_NUM_THREADS": "1"})
     assert returncode == 130 and "--resume" in err and "Traceback" not in err
     with h5py.File(partial_path(out), "r") as f:             # plain open: no "being written" flag left
         assert 2 <= f["done"][:].sum() < 40

@@ -215,12 +215,19 @@ def test_a_worker_that_dies_fails_only_its_cell_and_is_replaced(tmp_path):
         worker.close()
 
 
+def default_sigint():
+    """In the child: Ctrl-C as a terminal delivers it. A shell starts background jobs with SIGINT
+    ignored, and that disposition is inherited, so a test suite run with `&` would test nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_stops_every_worker_and_exits_130(tmp_path):
     write_tiny_cache(tmp_path / "tiny.h5")
     proc = subprocess.Popen(["msdn", "ablate", "--recipe", "demo", "--cache", "tiny.h5", "--out", "ab",
                              "--ablation", "full,no_causal,ava_only", "--seeds", "0", "--set", "iterations=1000000",
                              "--set", "eval_every=500000", "--set", "batch_size=8", "--workers", "2", "--device", "cpu"],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                            preexec_fn=default_sigint)
     try:
         deadline = time.monotonic() + 240
         while len(list(tmp_path.glob("ab/*/seed0/config.json"))) < 2 and time.monotonic() < deadline:
