@@ -20,6 +20,7 @@ from extract.backbones import BackboneSpec
 from extract.datasets import build_dataset
 from extract.engine import extract_features
 from tests.extract.engine_data import mini_cub
+from tests.processes import default_sigint
 
 REPO = Path(__file__).resolve().parents[2]
 SPEC = BackboneSpec("efficientnet_lite0", 224, "imagenet")
@@ -55,12 +56,6 @@ def done_rows(path: Path) -> int:
             return int(cache.done.sum())
     except CacheError:  # not created yet
         return 0
-
-
-def default_sigint():
-    """In the child: Ctrl-C as a terminal delivers it. A shell starts background jobs with SIGINT
-    ignored, and that disposition is inherited, so a test suite run with `&` would test nothing."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def start_and_stop(args, out, sig, at_least=6, timeout=180, env=None):

@@ -19,6 +19,7 @@ from pipeline.ablate_job import PRESETS, AblateOptions, run_ablate
 from pipeline.ablate_worker import Worker
 from pipeline.config import load_recipe
 
+from tests.processes import default_sigint
 from .conftest import write_tiny_cache
 
 QUICK = ["iterations=20", "eval_every=10", "log_every=10", "batch_size=8", "lr=3e-3", "eval_batch_size=16"]
@@ -213,12 +214,6 @@ def test_a_worker_that_dies_fails_only_its_cell_and_is_replaced(tmp_path):
         assert (tmp_path / "after" / "summary.json").is_file()
     finally:
         worker.close()
-
-
-def default_sigint():
-    """In the child: Ctrl-C as a terminal delivers it. A shell starts background jobs with SIGINT
-    ignored, and that disposition is inherited, so a test suite run with `&` would test nothing."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def test_ctrl_c_stops_every_worker_and_exits_130(tmp_path):
