@@ -139,7 +139,7 @@ class Project:
     def train_step(self) -> None:
         picked = self.sample()
         train_step(self.model, self.optimizer, self.scaler, self.store.gather(self.train_positions[picked]),
-                   self.labels[picked].to(self.device, non_blocking=True), amp=self.amp, counterfactual=False)
+                   self.labels[picked].to(self.device, non_blocking=True), amp=self.amp, causal_scale=0.0)
 
     def evaluate(self, count: int, batch: int) -> torch.Tensor:
         return predict_scores(self.model, self.store, self.eval_rows[:count], batch_size=batch,

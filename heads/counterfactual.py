@@ -14,7 +14,7 @@ from heads.config import COUNTERFACTUALS
 
 
 def counterfactual_attention(kind: str, logits: torch.Tensor, attention: torch.Tensor,
-                             attn_dim: int, batch_dim: int) -> torch.Tensor:
+                             attn_dim: int, batch_dim: int, remove_k: int = 1) -> torch.Tensor:
     """Counterfactual version of `attention` (same shape), float32.
 
     - random:   u / n with u ~ U(0, 2) per entry (n = size of the attention axis): CAL's default;
@@ -24,6 +24,9 @@ def counterfactual_attention(kind: str, logits: torch.Tensor, attention: torch.T
     - shuffle:  the attention of another image of the batch: image b takes image b-1's map
                 (a roll by one along the batch, fixed so it needs no random numbers; a batch of one
                 gets its own map back, so the effect is zero there).
+    - remove:   the learned attention with its `remove_k` most-attended entries masked out and the
+                rest renormalised (a softmax of the logits without them): "what if this cue were
+                gone". At least one entry is always kept.
     The counterfactual is an intervention, a constant: no gradient flows through it (reversed and
     shuffle are detached), gradients reach the model only through the region scores it weights.
     """
@@ -43,4 +46,9 @@ def counterfactual_attention(kind: str, logits: torch.Tensor, attention: torch.T
         return F.softmax(-logits.detach(), dim=attn_dim, dtype=torch.float32)
     if kind == "shuffle":
         return attention.detach().roll(1, dims=batch_dim)
+    if kind == "remove":
+        k = min(int(remove_k), n - 1)
+        top = attention.detach().topk(k, dim=attn_dim).indices
+        masked = logits.detach().float().scatter(attn_dim, top, float("-inf"))
+        return F.softmax(masked, dim=attn_dim)
     raise ValueError(f"counterfactual must be one of {COUNTERFACTUALS}, got {kind!r}")

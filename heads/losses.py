@@ -22,6 +22,29 @@ def cross_entropy_all_classes(unbiased_scores: torch.Tensor, labels: torch.Tenso
     return -log_p.gather(-1, index).squeeze(-1).mean(-1)
 
 
+def cross_entropy_subset(scores: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """CE over the listed classes only (e.g. the seen ones): the other classes' scores are left
+    out of the denominator, so the loss neither raises nor lowers them. Every label must be one
+    of `classes`."""
+    position = torch.full((scores.shape[-1],), -1, dtype=torch.long, device=scores.device)
+    position[classes] = torch.arange(len(classes), device=scores.device)
+    return cross_entropy_all_classes(scores.index_select(-1, classes), position[labels])
+
+
+def attribute_effect(effect: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Attribute-level causal loss: mean over attributes and images of (e^ - t^)^2, where e^ and
+    t^ are the effect (..., B, A) and the true classes' attribute vectors (B, A), each
+    standardised per attribute over the batch (population std). For an attribute that varies in
+    both it equals 2 (1 - Pearson correlation) over the batch; an attribute constant over the
+    batch contributes a constant. Scale-free, so it weighs like a cross-entropy term."""
+    def standardise(x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        centred = x - x.mean(-2, keepdim=True)
+        return centred / (centred.pow(2).mean(-2, keepdim=True).sqrt() + eps)
+
+    return (standardise(effect) - standardise(target)).pow(2).mean((-2, -1))
+
+
 def self_calibration(biased_scores: torch.Tensor, unseen: torch.Tensor,
                      log_p: torch.Tensor | None = None) -> torch.Tensor:
     """-log( mean_b sum_{u in unseen} softmax(s)[b, u] ) on the biased scores: pushes probability

@@ -33,6 +33,8 @@ class HeadOutput:
     alpha: torch.Tensor | None  # (B, A, R) VAA attention, sums to 1 over attributes (a view)
     s1_eff: torch.Tensor | None = None  # (B, C) causal effect (s1 - b) - s1_bar, unbiased
     s2_eff: torch.Tensor | None = None
+    psi_eff: torch.Tensor | None = None  # (B, A) attribute-level effect psi - psi_bar
+    omega_eff: torch.Tensor | None = None  # (B, A) omega - omega_bar
 
 
 def _compute_dtype(device: torch.device, param_dtype: torch.dtype) -> torch.dtype:
@@ -150,32 +152,49 @@ class MSDN(nn.Module):
         blocks = list(self._project(x.to(dtype)).view(B, R, -1, self.num_attributes).unbind(2))
         do_causal = counterfactual and self.cfg.lambda_causal > 0
         out = HeadOutput(None, None, None, None, None, None)
-        attribute_scores, effects = [], []  # per present sub-net, stacked for one matmul each
+        attribute_scores = []  # per present sub-net, stacked for one matmul
         if self.use_ava:
             logits, region_scores = blocks.pop(0), blocks.pop(0)
             beta = F.softmax(logits, dim=1, dtype=torch.float32)  # over regions
             out.psi = (beta * region_scores).sum(1)  # (B, A): v_i^T W_1 F_i
             out.beta = beta.transpose(1, 2)
             attribute_scores.append(out.psi)
-            if do_causal:
-                beta_bar = counterfactual_attention(self.cfg.counterfactual, logits, beta, 1, 0)
-                effects.append(out.psi - (beta_bar * region_scores).sum(1))
+            if do_causal and self.causal_subnet(1):
+                out.psi_eff = self._effect(out.psi, logits, beta, region_scores, attn_dim=1)
         if self.use_vaa:
             logits, region_scores = blocks.pop(0), blocks.pop(0)
             alpha = F.softmax(logits, dim=2, dtype=torch.float32)  # over attributes, per region
             out.omega = (alpha * region_scores).sum(1)  # (B, A)
             out.alpha = alpha.transpose(1, 2)
             attribute_scores.append(out.omega)
-            if do_causal:
-                alpha_bar = counterfactual_attention(self.cfg.counterfactual, logits, alpha, 2, 0)
-                effects.append(out.omega - (alpha_bar * region_scores).sum(1))
+            if do_causal and self.causal_subnet(2):
+                out.omega_eff = self._effect(out.omega, logits, alpha, region_scores, attn_dim=2)
         scores = (self._scores(attribute_scores) + self.score_bias).unbind(0)
-        effects = self._scores(effects).unbind(0) if do_causal else (None, None)
         if self.use_ava:
-            out.s1, out.s1_eff = scores[0], effects[0]
+            out.s1 = scores[0]
         if self.use_vaa:
-            out.s2, out.s2_eff = scores[-1], effects[-1]
+            out.s2 = scores[-1]
+        effects = [e for e in (out.psi_eff, out.omega_eff) if e is not None]
+        if effects:
+            class_effects = iter(self._scores(effects).unbind(0))
+            out.s1_eff = next(class_effects) if out.psi_eff is not None else None
+            out.s2_eff = next(class_effects) if out.omega_eff is not None else None
         return out
+
+    def causal_subnet(self, k: int) -> bool:
+        """Whether sub-net k (1 = AVA, 2 = VAA) is present and gets the causal term."""
+        present = self.use_ava if k == 1 else self.use_vaa
+        return present and self.cfg.causal_subnets in ("both", "ava" if k == 1 else "vaa")
+
+    def _effect(self, factual: torch.Tensor, logits: torch.Tensor, attention: torch.Tensor,
+                region_scores: torch.Tensor, attn_dim: int) -> torch.Tensor:
+        """Attribute-level effect of the learned attention: factual scores minus the scores under
+        the counterfactual attention (same region scores). causal_grad = "factual" makes the
+        counterfactual scores a constant baseline, so only the factual branch learns from it."""
+        cfg = self.cfg
+        bar = counterfactual_attention(cfg.counterfactual, logits, attention, attn_dim, 0, cfg.remove_k)
+        baseline = (bar * region_scores).sum(1)
+        return factual - (baseline.detach() if cfg.causal_grad == "factual" else baseline)
 
     def fused_scores(self, out: HeadOutput) -> torch.Tensor:
         """Inference scores w1*s1 + w2*s2 (biased: the ±bias is a calibration margin of 2*bias in
@@ -187,28 +206,23 @@ class MSDN(nn.Module):
         w1, w2 = self.cfg.fusion
         return w1 * out.s1 + w2 * out.s2
 
-    def loss(self, out: HeadOutput, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    def loss(self, out: HeadOutput, labels: torch.Tensor, causal_scale: float = 1.0) -> dict[str, torch.Tensor]:
         """{"loss": differentiable total} plus every term (detached) for logging.
         L = sum_k [CE_k + lambda_cal cal_k + lambda_causal causal_k] + lambda_distill distill.
-        The sub-nets' scores are stacked so each loss kernel runs once for both."""
+        The sub-nets' scores are stacked so each loss kernel runs once for both. `causal_scale`
+        multiplies the causal weights (the engine's warm-up and ramp, HeadConfig.causal_scale)."""
         cfg = self.cfg
-        present = [(k, s, e) for k, s, e in ((1, out.s1, out.s1_eff), (2, out.s2, out.s2_eff))
-                   if s is not None]
-        names = [k for k, _, _ in present]
-        scores = torch.stack([s.float() for _, s, _ in present])  # (K, B, C), biased
+        present = [(k, s) for k, s in ((1, out.s1), (2, out.s2)) if s is not None]
+        names = [k for k, _ in present]
+        scores = torch.stack([s.float() for _, s in present])  # (K, B, C), biased
         log_p = F.log_softmax(scores, dim=-1)
         per_subnet = {"ce": losses.cross_entropy_all_classes(scores - self.score_bias, labels),
                       "cal": losses.self_calibration(scores, self.unseen_classes, log_p)}
         total = per_subnet["ce"].sum() + cfg.lambda_cal * per_subnet["cal"].sum()
-        if cfg.lambda_causal > 0:
-            if any(e is None for _, _, e in present):
-                raise ValueError("MSDN.loss: lambda_causal > 0 needs the causal effects: "
-                                 "call forward(features, counterfactual=True)")
-            effects = torch.stack([e.float() for _, _, e in present])
-            per_subnet["causal"] = losses.cross_entropy_all_classes(effects, labels)
-            total = total + cfg.lambda_causal * per_subnet["causal"].sum()
         terms = {f"{name}_{k}": values[i] for name, values in per_subnet.items()
                  for i, k in enumerate(names)}
+        if cfg.lambda_causal > 0 and causal_scale > 0:
+            total = total + self._causal_loss(out, labels, causal_scale, terms)
         if len(present) == 2:
             if cfg.distill == "released":
                 terms.update(losses.distillation_released(out.s1, out.s2, log_p))
@@ -218,3 +232,34 @@ class MSDN(nn.Module):
         result = {name: value.detach() for name, value in terms.items()}
         result["loss"] = total
         return result
+
+    def _causal_loss(self, out: HeadOutput, labels: torch.Tensor, scale: float, terms: dict) -> torch.Tensor:
+        """Weighted causal terms of the sub-nets that get them; each term is added to `terms`.
+        class level: CE of the class-score effect (over all classes, or the seen ones);
+        attribute level: the attribute-score effect made to reproduce the true class's attribute
+        vector, both standardised per attribute over the batch (losses.attribute_effect)."""
+        cfg = self.cfg
+        keys = [k for k in (1, 2) if self.causal_subnet(k)]
+        effects = {1: (out.s1_eff, out.psi_eff), 2: (out.s2_eff, out.omega_eff)}
+        needed = [0] * (cfg.causal_level != "attribute") + [1] * (cfg.causal_level != "class")
+        if not keys or any(effects[k][i] is None for k in keys for i in needed):
+            raise ValueError("MSDN.loss: lambda_causal > 0 needs the causal effects: "
+                             "call forward(features, counterfactual=True)")
+        total = 0.0
+        if cfg.causal_level in ("class", "both"):
+            class_effect = torch.stack([effects[k][0].float() for k in keys])
+            if cfg.causal_classes == "seen":
+                values = losses.cross_entropy_subset(class_effect, labels, self.seen_classes)
+            else:
+                values = losses.cross_entropy_all_classes(class_effect, labels)
+            terms.update({f"causal_{k}": values[i] for i, k in enumerate(keys)})
+            weight = cfg.lambda_causal if scale == 1.0 else cfg.lambda_causal * scale
+            total = total + weight * values.sum()
+        if cfg.causal_level in ("attribute", "both"):
+            attribute_effect = torch.stack([effects[k][1].float() for k in keys])
+            values = losses.attribute_effect(attribute_effect, self.Z[labels])
+            terms.update({f"causal_att_{k}": values[i] for i, k in enumerate(keys)})
+            weight = (cfg.lambda_causal_attribute or cfg.lambda_causal) if cfg.causal_level == "both" \
+                else cfg.lambda_causal
+            total = total + weight * scale * values.sum()
+        return total

@@ -83,11 +83,12 @@ def build_optimizer(model: torch.nn.Module, config) -> torch.optim.Optimizer:
 
 
 def train_step(model: MSDN, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, features: Regions,
-               labels: torch.Tensor, *, amp: str, counterfactual: bool) -> dict[str, torch.Tensor]:
-    """One optimiser step on one batch; returns the loss terms (on the device, not synchronised)."""
+               labels: torch.Tensor, *, amp: str, causal_scale: float) -> dict[str, torch.Tensor]:
+    """One optimiser step on one batch; returns the loss terms (on the device, not synchronised).
+    causal_scale: the share of the causal weight in force (0 skips the counterfactual branch)."""
     with autocast(amp, features.rows.device):
-        out = model(features, counterfactual=counterfactual)
-        losses = model.loss(out, labels)
+        out = model(features, counterfactual=causal_scale > 0)
+        losses = model.loss(out, labels, causal_scale=causal_scale)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(losses["loss"]).backward()
     scaler.step(optimizer)
@@ -107,7 +108,6 @@ def fit(model: MSDN, store: ResidentFeatures, train_rows: np.ndarray, train_labe
     sampler = build_sampler(config.sampler, labels_idx, config.batch_size, config.seed)
     optimizer = build_optimizer(model, config)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
-    counterfactual = config.head.lambda_causal > 0  # lambda_causal = 0: exactly MSDN, no extra work
     running, n_running, last = None, 0, {}
     samples, total_samples, eval_seconds, clock = 0, 0, 0.0, time.perf_counter()
     start = clock
@@ -117,8 +117,12 @@ def fit(model: MSDN, store: ResidentFeatures, train_rows: np.ndarray, train_labe
         picked = sampler()
         features = store.gather(positions[picked])
         labels = labels_idx[picked].to(device, non_blocking=True)
-        losses = train_step(model, optimizer, scaler, features, labels, amp=amp, counterfactual=counterfactual)
+        # 0 while lambda_causal = 0 or during the causal warm-up: exactly MSDN, no counterfactual work
+        causal_scale = config.head.causal_scale(step)
+        losses = train_step(model, optimizer, scaler, features, labels, amp=amp, causal_scale=causal_scale)
         terms = torch.stack([v.detach().float() for v in losses.values()])
+        if running is not None and len(losses) != len(running):  # the causal terms start after a warm-up
+            running, n_running = None, 0
         running = terms if running is None else running + terms
         n_running += 1
         samples += len(picked)
