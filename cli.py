@@ -317,7 +317,7 @@ def _csv(text: str | None, cast=str, option: str = "") -> list | None:
 
 
 @main.command()
-@click.option("--preset", default=None, help="A worked example: demo or cub100 (extracts its cache into --out once).")
+@click.option("--preset", default=None, help="A worked example: demo, cub100 or causal (extracts its cache into --out once).")
 @click.option("--recipe", default=None, help="Recipe name or .toml path [default: the preset's].")
 @click.option("--cache", "cache_path", default=None, type=click.Path(exists=True, dir_okay=False),
               help="Feature cache [default: the preset's, extracted into --out].")

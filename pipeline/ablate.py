@@ -31,8 +31,8 @@ from pipeline.runlog import to_jsonable, write_json_atomic
 FULL_CAUSAL = 1.0  # CAL's weight of the effect loss; the "full" model uses it when the recipe has 0
 CELL_FILE = "cell.json"
 SCORE_COLUMNS = ("ZSL", "U", "S", "H", "AUSUC")  # percent
-RUN_COLUMNS = ("variant", "seed", "status", *SCORE_COLUMNS, "gamma", "iteration", "train_s", "wall_s",
-               "cpu_s", "error", "dir")
+RUN_COLUMNS = ("variant", "seed", "status", *SCORE_COLUMNS, "gamma", "iteration", "val_H", "val_ZSL", "train_s",
+               "wall_s", "cpu_s", "error", "dir")
 
 
 class AblationError(ValueError):
@@ -101,11 +101,13 @@ class Cell:
     dir: Path
 
 
-def plan_cells(recipe: str, out_dir: str | Path, *, ablations=(), grid=(), seeds=(0,), overrides=()) -> list[Cell]:
+def plan_cells(recipe: str, out_dir: str | Path, *, ablations=(), grid=(), seeds=(0,), overrides=(),
+               registry: dict[str, Ablation] | None = None) -> list[Cell]:
     """Every (variant, seed) cell, each config resolved now: a bad key or value is an error before
-    any cell runs. No ablations and no grid: one variant, the recipe itself ("base")."""
+    any cell runs. No ablations and no grid: one variant, the recipe itself ("base").
+    `registry`: the named ablations to draw from (default: builtin_ablations of the recipe)."""
     base = apply_overrides(load_recipe(recipe), list(overrides))
-    registry = builtin_ablations(base)
+    registry = builtin_ablations(base) if registry is None else registry
     unknown = [a for a in ablations if a not in registry]
     if unknown:
         raise AblationError(f"unknown ablation(s) {unknown}; built-in: {', '.join(registry)}")
@@ -284,6 +286,9 @@ def collect_runs(cells: list[Cell]) -> pd.DataFrame:
             test = summary["test"]
             row.update({k: 100 * test[k] for k in SCORE_COLUMNS}, gamma=test["gamma"], iteration=test["iteration"],
                        train_s=summary["selection"].get("train_seconds", 0.0) + summary["timing"]["final_train_seconds"])
+            validation = summary["selection"].get("validation")  # what selection saw (never the test set)
+            if validation:
+                row.update(val_H=100 * validation["best"]["H"], val_ZSL=100 * validation["ZSL"])
         rows.append(row)
     frame = pd.DataFrame(rows)
     factor_columns = [c for c in frame.columns if c not in RUN_COLUMNS and c != "description"]

@@ -1,0 +1,79 @@
+"""`msdn ablate --preset causal`: the plan (MSDN once, each causal reading x weight, seed-major),
+the weight chosen on validation and the paired differences to MSDN, by hand and end to end on the
+tiny cache (real `msdn train` workers)."""
+import math
+
+import pandas as pd
+import pytest
+
+from pipeline.ablate_job import PRESETS, AblateOptions, run_ablate
+from pipeline.causal_screen import BASELINE, causal_variants, paired_table, plan_screen, select_weights
+
+from .conftest import write_tiny_cache
+
+QUICK = ["iterations=20", "eval_every=10", "log_every=10", "batch_size=8", "lr=3e-3", "eval_batch_size=16"]
+
+
+def test_the_preset_plans_msdn_and_six_readings_at_each_weight(tmp_path):
+    preset = PRESETS["causal"]
+    cells = plan_screen("CUB100", tmp_path, weights=preset.causal_weights, seeds=preset.seeds,
+                        overrides=list(preset.overrides))
+    readings = [n for n in causal_variants() if n != BASELINE]
+    assert len(readings) >= 6 and len(preset.seeds) >= 3
+    assert len(cells) == len(preset.seeds) * (1 + len(readings) * len(preset.causal_weights))
+    assert [c.seed for c in cells] == sorted(c.seed for c in cells)  # seed-major
+    for cell in cells:
+        head = cell.config.head
+        if cell.factors["ablation"] == BASELINE:
+            assert head.lambda_causal == 0.0
+        else:
+            assert head.lambda_causal == float(cell.factors["lambda_causal"]) > 0
+    by_name = {c.factors["ablation"]: c.config.head for c in cells}
+    assert by_name["cal_factual"].causal_grad == "factual" and by_name["cal"].causal_grad == "all"
+    assert by_name["remove"].counterfactual == "remove" and by_name["attribute"].causal_level == "attribute"
+    assert by_name["cal_seen"].causal_classes == "seen" and by_name["warmup"].causal_warmup > 0
+
+
+def frame(rows):
+    columns = ["ablation", "lambda_causal", "seed", "val_H", "ZSL", "U", "S", "H", "AUSUC", "cpu_s"]
+    runs = pd.DataFrame(rows, columns=columns)
+    runs["status"] = "done"
+    return runs
+
+
+def test_weight_is_chosen_on_validation_and_differences_are_paired():
+    runs = frame([
+        (BASELINE, None, 0, 50, 40, 30, 60, 40.0, 30, 10), (BASELINE, None, 1, 52, 42, 32, 62, 44.0, 32, 10),
+        # weight 0.3 has the better TEST H, 0.03 the better VALIDATION H: 0.03 must be chosen
+        ("cal", "0.03", 0, 55, 41, 30, 60, 41.0, 30, 12), ("cal", "0.03", 1, 55, 40, 30, 60, 43.0, 30, 12),
+        ("cal", "0.3", 0, 50, 60, 50, 70, 60.0, 50, 12), ("cal", "0.3", 1, 52, 60, 50, 70, 60.0, 50, 12),
+        # a tie on validation goes to the smaller weight
+        ("remove", "0.3", 0, 51, 39, 0, 0, 40.0, 0, 9), ("remove", "0.03", 0, 51, 45, 0, 0, 41.0, 0, 9),
+    ])
+    chosen = select_weights(runs).set_index("ablation")
+    assert chosen.loc["cal", "weight"] == 0.03 and chosen.loc["cal", "val_H"] == 55
+    assert chosen.loc["remove", "weight"] == 0.03
+    table = paired_table(runs)
+    cal = table.loc["cal"]
+    assert cal["H_mean"] == 42.0 and cal["dH_mean"] == 0.0  # (41 - 40) and (43 - 44)
+    assert cal["dH_std"] == pytest.approx(math.sqrt(2)) and cal["dH_better"] == "1/2"
+    assert cal["dZSL_mean"] == pytest.approx(-0.5) and cal["dZSL_better"] == "1/2"
+    remove = table.loc["remove"]  # finished only seed 0: paired on that seed alone
+    assert remove["dH_mean"] == 1.0 and remove["dH_better"] == "1/1" and math.isnan(remove["dH_std"])
+    assert table.index[0] == BASELINE and math.isnan(table.loc[BASELINE, "dH_mean"])
+
+
+def test_screen_end_to_end_on_the_tiny_cache(tmp_path):
+    write_tiny_cache(tmp_path / "tiny.h5")
+    out = tmp_path / "screen"
+    result = run_ablate(AblateOptions(out=str(out), preset="causal", recipe="demo", cache=str(tmp_path / "tiny.h5"),
+                                      ablations=["msdn", "cal_factual", "remove"], seeds=[0, 1],
+                                      overrides=QUICK + ["amp=none"], workers=2, device="cpu"), log=lambda m: None)
+    runs = result["runs"]
+    assert len(runs) == 2 * (1 + 2 * 2) and runs["status"].eq("done").all()
+    assert runs["val_H"].notna().all()
+    paired = pd.read_csv(out / "paired.csv", index_col="variant")
+    assert list(paired.index) == [BASELINE, "cal_factual", "remove"]
+    assert paired.loc["remove", "lambda_causal"] in (0.03, 0.3) and paired["seeds"].eq(2).all()
+    text = (out / "paired.md").read_text()
+    assert "ΔH vs MSDN" in text and "cal_factual" in text
