@@ -54,6 +54,40 @@ def box_mass(heat: np.ndarray, box) -> float:
     return float(heat[max(0, y0):y1 + 1, max(0, x0):x1 + 1].sum()) / total if total > 0 else 0.0
 
 
+def cell_box_overlap(box, width: int, height: int, size: int, grid: tuple[int, int]) -> np.ndarray:
+    """(H*W,) share of each feature-grid cell inside `box` (x0, y0, x1, y1 in image pixels, x1/y1
+    exclusive). The grid tiles the square the backbone saw: Resize(size), CenterCrop(size)."""
+    left, top, side = crop_region(width, height, size)
+    x0, y0, x1, y1 = box
+
+    def along(lo, hi, origin, cells):
+        edges = origin + side * np.arange(cells + 1) / cells
+        return np.clip(np.minimum(hi, edges[1:]) - np.maximum(lo, edges[:-1]), 0, None) * cells / side
+
+    return np.outer(along(y0, y1, top, grid[0]), along(x0, x1, left, grid[1])).reshape(-1)
+
+
+OBJECT_GROUPS = ("shape", "colour")  # demo attributes of the object itself (size is judged against the image)
+
+
+def attention_on_objects(model: MSDN, task: Task, cache: FeatureCache, dataset, names, image_size: int,
+                         image_side: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """Demo set (boxes known): per (test image, object attribute of its class), the AVA attention
+    mass on the object's box and the box's share of the grid (what uniform attention puts there)."""
+    rows = np.concatenate([task.eval_unseen_rows, task.eval_seen_rows])
+    grid = tuple(cache.feature_shape[1:])
+    with torch.inference_mode():
+        beta = model.eval()(cache.features(rows=rows, dtype=torch.float32)).beta.float().numpy()
+    mass, area = [], []
+    for i, row in enumerate(rows):
+        with_box = cell_box_overlap(dataset.boxes[row], image_side, image_side, image_size, grid)
+        for a in np.flatnonzero(dataset.original_att[dataset.labels[row]] > 0):
+            if names[a].split(":")[0] in OBJECT_GROUPS:
+                mass.append(float(beta[i, a] @ with_box))
+                area.append(float(with_box.mean()))
+    return np.array(mass), np.array(area)
+
+
 @dataclass
 class TrainedHead:
     model: MSDN

@@ -24,7 +24,7 @@ import torch
 
 from cache.reader import FeatureCache
 from heads.config import HeadConfig
-from pipeline.attention import crop_region, load_trained
+from pipeline.attention import attention_on_objects, cell_box_overlap, load_trained
 from pipeline.config import apply_overrides, load_recipe
 from pipeline.demo import DEMO_IMAGE_SIZE
 from pipeline.engine import build_model
@@ -32,7 +32,6 @@ from pipeline.train import train
 
 FLOAT32 = {"amp": "none", "feature_dtype": "float32"}
 GPU_DEFAULT = {"amp": "bf16", "feature_dtype": "float16"}  # amp "auto" on CUDA, default features
-OBJECT_GROUPS = ("shape", "colour")  # attributes of the object itself (size is judged against the image)
 
 
 @pytest.fixture(scope="module")
@@ -53,19 +52,6 @@ def test_demo_recognises_unseen_classes_far_above_chance(demo_cache, float32_run
     assert test["H"] >= 0.5 and test["AUSUC"] >= 0.4, test
 
 
-def cell_box_overlap(box, width: int, height: int, size: int, grid: tuple[int, int]) -> np.ndarray:
-    """(H*W,) share of each feature-grid cell inside `box` (x0, y0, x1, y1 in image pixels, x1/y1
-    exclusive). The grid tiles the square the backbone saw: Resize(size), CenterCrop(size)."""
-    left, top, side = crop_region(width, height, size)
-    x0, y0, x1, y1 = box
-
-    def along(lo, hi, origin, cells):
-        edges = origin + side * np.arange(cells + 1) / cells
-        return np.clip(np.minimum(hi, edges[1:]) - np.maximum(lo, edges[:-1]), 0, None) * cells / side
-
-    return np.outer(along(y0, y1, top, grid[0]), along(x0, x1, left, grid[1])).reshape(-1)
-
-
 def test_cell_box_overlap_on_hand_computed_cases():
     # 128 px image seen whole as 4 x 4 cells of 32 px: a box over cell (1, 2) and half of (1, 3)
     overlap = cell_box_overlap((64, 32, 112, 64), 128, 128, 224, (4, 4)).reshape(4, 4)
@@ -78,35 +64,17 @@ def test_cell_box_overlap_on_hand_computed_cases():
     assert cell_box_overlap((0, 0, 200, 100), 200, 100, 64, (7, 7)).mean() == pytest.approx(1.0)
 
 
-def _attention_on_objects(model, task, cache, dataset, names):
-    """Per (test image, object attribute of its class): attention mass on the object's box and the
-    box's share of the grid (what uniform attention puts there)."""
-    rows = np.concatenate([task.eval_unseen_rows, task.eval_seen_rows])
-    grid = tuple(cache.feature_shape[1:])
-    with torch.inference_mode():
-        beta = model.eval()(cache.features(rows=rows, dtype=torch.float32)).beta.float().numpy()
-    assert beta.shape == (len(rows), len(names), grid[0] * grid[1])
-    mass, area = [], []
-    for i, row in enumerate(rows):
-        with_box = cell_box_overlap(dataset.boxes[row], 128, 128, DEMO_IMAGE_SIZE, grid)
-        for a in np.flatnonzero(dataset.original_att[dataset.labels[row]] > 0):
-            if names[a].split(":")[0] in OBJECT_GROUPS:
-                mass.append(float(beta[i, a] @ with_box))
-                area.append(float(with_box.mean()))
-    return np.array(mass), np.array(area)
-
-
 def test_attribute_attention_falls_on_the_object_that_shows_it(demo_cache, float32_run):
     dataset, cache_path = demo_cache
     out, _ = float32_run
     names = dataset.attribute_names
     with FeatureCache(cache_path) as cache:
         trained = load_trained(out / "best.pt", cache, torch.device("cpu"))
-        mass, area = _attention_on_objects(trained.model, trained.task, cache, dataset, names)
+        mass, area = attention_on_objects(trained.model, trained.task, cache, dataset, names, DEMO_IMAGE_SIZE)
         # the initial head (W_2 = 0) attends uniformly: its mass on the box is exactly the box's share
         initial = build_model(HeadConfig.from_dict(trained.checkpoint["config"]["head"]), cache, trained.task,
                               torch.device("cpu"), trained.checkpoint["config"]["seed"])
-        initial_mass, _ = _attention_on_objects(initial, trained.task, cache, dataset, names)
+        initial_mass, _ = attention_on_objects(initial, trained.task, cache, dataset, names, DEMO_IMAGE_SIZE)
     np.testing.assert_allclose(initial_mass, area, rtol=1e-5)
     assert len(mass) == 2 * (len(trained.task.eval_unseen_rows) + len(trained.task.eval_seen_rows))
     # measured (float32 run): mass 0.52 on average (shape 0.54, colour 0.50) against a box share
