@@ -325,7 +325,8 @@ def _csv(text: str | None, cast=str, option: str = "") -> list | None:
 @click.option("--ablation", "ablations", default=None,
               help="Comma-separated built-in ablations, 'all' or 'none' [default: the preset's; all without --grid]. "
                    "Names: full, ava_only, vaa_only, no_distill, no_causal, no_calibration, cf_<type>, "
-                   "test_ava, test_vaa, test_equal.")
+                   "test_ava, test_vaa, test_equal; --preset causal: msdn, cal, cal_factual, cal_seen, attribute, "
+                   "remove, warmup.")
 @click.option("--grid", multiple=True, metavar="KEY=V1,V2",
               help="Config values to cross, e.g. --grid lambda_cal=0.05,0.1 --grid fusion=[1,0],[0.5,0.5] (repeatable).")
 @click.option("--seeds", default=None, help="Comma-separated seeds [default: the preset's, else 0,1].")
@@ -334,7 +335,11 @@ def _csv(text: str | None, cast=str, option: str = "") -> list | None:
               help="Parallel cells [default: one per GPU; on CPU min(cores, 4), cores shared evenly].")
 @click.option("--device", default="auto", show_default=True, help="auto = cuda if available, else cpu.")
 @click.option("--overwrite", is_flag=True, help="Redo cells whose folder holds a run of another config or cache.")
-def ablate(preset, recipe, cache_path, out_dir, ablations, grid, seeds, overrides, workers, device, overwrite):
+@click.option("--weights-from", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="--preset causal: train each variant at the weight that this earlier screen's paired.csv "
+                   "chose on validation (a confirmation run) instead of the weight grid.")
+def ablate(preset, recipe, cache_path, out_dir, ablations, grid, seeds, overrides, workers, device, overwrite,
+           weights_from):
     """Train a grid of variants x seeds in parallel; write mean ± std tables (CSV, Markdown, LaTeX)."""
     from pipeline.ablate import AblationError
     from pipeline.ablate_job import AblateOptions, run_ablate
@@ -343,13 +348,15 @@ def ablate(preset, recipe, cache_path, out_dir, ablations, grid, seeds, override
     try:
         options = AblateOptions(out=out_dir, recipe=recipe, cache=cache_path, preset=preset, ablations=_csv(ablations),
                                 grid=list(grid), seeds=_csv(seeds, int, "--seeds"), overrides=list(overrides),
-                                workers=workers, device=device, overwrite=overwrite)
+                                workers=workers, device=device, overwrite=overwrite, weights_from=weights_from)
         result = run_ablate(options, log=lambda msg: click.echo(msg, err=True))
     except (AblationError, ValueError) + EXTRACT_ERRORS + _stage2_errors() as err:
         raise click.ClickException(str(err)) from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None  # finished cells are kept; re-running resumes
     click.echo(result["paths"]["markdown"].read_text())
+    if "paired_markdown" in result["paths"]:
+        click.echo(result["paths"]["paired_markdown"].read_text())
     failed = int((result["runs"]["status"] == "failed").sum())
     click.echo(f"tables: {out_dir}/results.{{md,tex,csv}}, runs.csv  ({result['seconds']:.0f} s"
                + (f"; {failed} cell(s) FAILED, see the error column of runs.csv)" if failed else ")"))

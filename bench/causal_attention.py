@@ -25,20 +25,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cache.reader import FeatureCache  # noqa: E402
 from extract.datasets import build_dataset  # noqa: E402
 from pipeline.attention import attention_on_objects, load_trained  # noqa: E402
-from pipeline.causal_screen import BASELINE, WEIGHT_KEY, causal_variants  # noqa: E402
+from pipeline.causal_screen import BASELINE, WEIGHT_KEY, causal_variants, chosen_weights  # noqa: E402
 from pipeline.config import apply_overrides, load_recipe  # noqa: E402
 from pipeline.demo import DEMO_BACKBONE, DEMO_IMAGE_SIZE  # noqa: E402
 from pipeline.extract_job import ExtractOptions, run_extract  # noqa: E402
 from pipeline.tables import mean_std  # noqa: E402
 from pipeline.train import train  # noqa: E402
-
-
-def chosen_weights(paired: str | None) -> dict[str, float]:
-    """{variant: lambda_causal} chosen on validation by a causal screen (its paired.csv)."""
-    if not paired:
-        return {}
-    table = pd.read_csv(paired, index_col="variant")
-    return {name: float(w) for name, w in table[WEIGHT_KEY].items() if name != BASELINE and w > 0}
 
 
 def main(argv=None) -> None:
@@ -54,7 +46,7 @@ def main(argv=None) -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     registry = causal_variants()
     names = args.variants.split(",") if args.variants else list(registry)
-    weights = chosen_weights(args.paired)
+    weights = chosen_weights(args.paired) if args.paired else {}
 
     cache = run_extract(ExtractOptions(dataset="demo", data_root=str(out / "data"), backbone=DEMO_BACKBONE,
                                        image_size=DEMO_IMAGE_SIZE, out=str(out / "demo.h5"), device="cpu",

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.ablate import AblationError, builtin_ablations, collect_runs, plan_cells, run_cells, worker_slots
-from pipeline.causal_screen import plan_screen, write_screen_tables
+from pipeline.causal_screen import chosen_weights, plan_screen, write_screen_tables
 from pipeline.config import apply_overrides, load_recipe
 from pipeline.runlog import write_json_atomic
 from pipeline.tables import write_tables
@@ -66,6 +66,7 @@ class AblateOptions:
     workers: int | None = None
     device: str = "auto"
     overwrite: bool = False
+    weights_from: str | None = None  # causal preset: a screen's paired.csv, whose chosen weights are used
 
 
 def run_ablate(options: AblateOptions, log=print) -> dict:
@@ -86,8 +87,9 @@ def run_ablate(options: AblateOptions, log=print) -> dict:
         ablations = list(preset.ablations) if preset and preset.ablations else ([] if options.grid else every)
     ablations = every if ablations == ["all"] else ([] if ablations == ["none"] else ablations)
     if preset and preset.causal_weights:
-        cells = plan_screen(recipe, out, weights=preset.causal_weights, seeds=seeds, overrides=overrides,
-                            variants=options.ablations)
+        weights = chosen_weights(options.weights_from) if options.weights_from else preset.causal_weights
+        cells = plan_screen(recipe, out, weights=weights, seeds=seeds, overrides=overrides,
+                            variants=options.ablations or (list(weights) if isinstance(weights, dict) else None))
         ablations = list(dict.fromkeys(c.factors["ablation"] for c in cells))
     else:
         cells = plan_cells(recipe, out, ablations=ablations, grid=options.grid, seeds=seeds, overrides=overrides)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.ablate import Ablation, plan_cells
+from pipeline.ablate import Ablation, AblationError, plan_cells
 from pipeline.tables import mean_std
 
 BASELINE = "msdn"
@@ -42,14 +42,28 @@ def causal_variants() -> dict[str, Ablation]:
 
 def plan_screen(recipe: str, out_dir: str | Path, *, weights, seeds, overrides=(), variants=None) -> list:
     """MSDN once per seed plus every causal variant x weight x seed, seed-major: an interrupted
-    screen has whole seeds finished, so its paired table is usable."""
+    screen has whole seeds finished, so its paired table is usable. `weights`: a grid for every
+    variant, or {variant: weight} (a confirmation at weights an earlier screen chose)."""
     registry = causal_variants()
     names = [n for n in (variants or registry) if n != BASELINE]
     cells = plan_cells(recipe, out_dir, ablations=[BASELINE], seeds=seeds, overrides=overrides, registry=registry)
-    cells += plan_cells(recipe, out_dir, ablations=names, grid=[(WEIGHT_KEY, [str(w) for w in weights])],
-                        seeds=seeds, overrides=overrides, registry=registry)
+    for name in names:
+        if isinstance(weights, dict) and name not in weights:
+            raise AblationError(f"no chosen weight for variant {name!r} (the screen chose: {sorted(weights)})")
+        grid = [weights[name]] if isinstance(weights, dict) else weights
+        cells += plan_cells(recipe, out_dir, ablations=[name], grid=[(WEIGHT_KEY, [str(w) for w in grid])],
+                            seeds=seeds, overrides=overrides, registry=registry)
     order = {seed: i for i, seed in enumerate(seeds)}
     return sorted(cells, key=lambda c: order[c.seed])  # stable: variant order kept within a seed
+
+
+def chosen_weights(paired_csv: str | Path) -> dict[str, float]:
+    """{variant: lambda_causal} that a screen chose on validation, read from its paired.csv."""
+    try:
+        table = pd.read_csv(paired_csv, index_col="variant")
+        return {str(name): float(w) for name, w in table[WEIGHT_KEY].items() if name != BASELINE}
+    except (OSError, ValueError, KeyError) as err:
+        raise AblationError(f"{paired_csv}: not a causal screen's paired.csv ({err})") from None
 
 
 def select_weights(runs: pd.DataFrame) -> pd.DataFrame:

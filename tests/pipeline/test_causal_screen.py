@@ -7,7 +7,9 @@ import pandas as pd
 import pytest
 
 from pipeline.ablate_job import PRESETS, AblateOptions, run_ablate
-from pipeline.causal_screen import BASELINE, causal_variants, paired_table, plan_screen, select_weights
+from pipeline.ablate import AblationError
+from pipeline.causal_screen import (BASELINE, causal_variants, chosen_weights, paired_table, plan_screen,
+                                    select_weights)
 
 from .conftest import write_tiny_cache
 
@@ -77,3 +79,20 @@ def test_screen_end_to_end_on_the_tiny_cache(tmp_path):
     assert paired.loc["remove", "lambda_causal"] in (0.03, 0.3) and paired["seeds"].eq(2).all()
     text = (out / "paired.md").read_text()
     assert "ΔH vs MSDN" in text and "cal_factual" in text
+
+
+def test_a_confirmation_trains_each_variant_at_the_weight_its_screen_chose(tmp_path):
+    paired = tmp_path / "paired.csv"
+    pd.DataFrame({"variant": [BASELINE, "cal_factual", "remove"], "lambda_causal": [0.0, 0.3, 0.03]}).to_csv(
+        paired, index=False)
+    weights = chosen_weights(paired)
+    assert weights == {"cal_factual": 0.3, "remove": 0.03}
+    cells = plan_screen("CUB100", tmp_path, weights=weights, seeds=[0, 1, 2], variants=list(weights))
+    assert len(cells) == 3 * 3
+    assert {(c.factors["ablation"], c.config.head.lambda_causal) for c in cells} == {
+        (BASELINE, 0.0), ("cal_factual", 0.3), ("remove", 0.03)}
+    with pytest.raises(AblationError, match="no chosen weight for variant 'cal'"):
+        plan_screen("CUB100", tmp_path, weights=weights, seeds=[0], variants=["cal"])
+    (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(AblationError, match="not a causal screen's paired.csv"):
+        chosen_weights(tmp_path / "bad.csv")
