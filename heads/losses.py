@@ -40,7 +40,9 @@ def attribute_effect(effect: torch.Tensor, target: torch.Tensor, eps: float = 1e
     def standardise(x: torch.Tensor) -> torch.Tensor:
         x = x.float()
         centred = x - x.mean(-2, keepdim=True)
-        return centred / (centred.pow(2).mean(-2, keepdim=True).sqrt() + eps)
+        # sqrt(var + eps), not sqrt(var) + eps: at the released init (W_1_1 = 0) an effect can be
+        # constant over the batch, and sqrt's gradient at 0 is infinite (0 * inf = NaN)
+        return centred / (centred.pow(2).mean(-2, keepdim=True) + eps).sqrt()
 
     return (standardise(effect) - standardise(target)).pow(2).mean((-2, -1))
 

@@ -157,3 +157,17 @@ def test_causal_scale_multiplies_the_causal_terms():
 def test_bad_switch_values_are_refused(key, value):
     with pytest.raises(ValueError, match=key):
         HeadConfig(**{key: value})
+
+
+@pytest.mark.parametrize("level", ["class", "attribute", "both"])
+@pytest.mark.parametrize("counterfactual", ["random", "remove"])
+def test_finite_loss_and_gradients_at_the_released_init(level, counterfactual):
+    """At the released init (W_2 = W_1_1 = W_2_1 = 0) the VAA scores are 0 for every image, so an
+    attribute-level effect is constant over the batch: its standardisation must stay finite."""
+    _, _, features, labels = tiny_inputs(batch=6)
+    head = make_head(HeadConfig(lambda_causal=0.3, causal_level=level, counterfactual=counterfactual),
+                     randomize=False)
+    terms = head.loss(head(features, counterfactual=True), labels)
+    terms["loss"].backward()
+    assert all(torch.isfinite(v).all() for v in terms.values())
+    assert all(torch.isfinite(p.grad).all() for p in head.parameters() if p.grad is not None)
