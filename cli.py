@@ -4,7 +4,14 @@ from __future__ import annotations
 import contextlib
 import os
 
-import click
+# OpenMP threads that wait by spinning burn the cores a neighbour needs, and a spinner descheduled
+# by a neighbour stalls its own team. Measured by bench/omp_policy.py on a shared 2-core machine
+# (2 torch threads, README "CPU threads on shared machines"): PASSIVE cut extraction to 1/3 (busy
+# machine) and 1/10 (plus two saturating processes) of the default's wall time per image, and
+# training steps by 35%, at the CPU cost of one thread. Set before torch loads; the user's wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import click  # noqa: E402
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
