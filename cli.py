@@ -171,7 +171,9 @@ def baseline(cache_path, cache_dir, out_dir, method, overwrite):
               help="Override a field of the demo recipe, e.g. --set lambda_causal=0.3 (repeatable).")
 @click.option("--device", default="auto", show_default=True, help="auto = cuda if available, else cpu.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def demo(out_dir, overrides, device, quiet):
+@click.option("--images-per-class", type=click.IntRange(min=2), default=None,
+              help="Render this many images per class [default: 32]; fewer for a quick check (new --out).")
+def demo(out_dir, overrides, device, quiet, images_per_class):
     """Render the demo set, extract features, train, evaluate, print the results table."""
     from pipeline.demo import run_demo
     from pipeline.evaluate import evaluation_rows
@@ -179,7 +181,8 @@ def demo(out_dir, overrides, device, quiet):
     from pipeline.runlog import format_table
 
     try:
-        result = run_demo(out_dir, device=device, overrides=overrides, progress=not quiet, log=click.echo)
+        result = run_demo(out_dir, device=device, overrides=overrides, images_per_class=images_per_class,
+                          progress=not quiet, log=click.echo)
     except EXTRACT_ERRORS + _stage2_errors() as err:
         raise click.ClickException(str(err)) from None
     click.echo(format_table(evaluation_rows(result["evaluate"])))
