@@ -38,7 +38,7 @@ def test_msdn_train_amp_bf16_on_a_forced_emulating_cpu_warns_and_records_it(tmp_
     done = subprocess.run(["msdn", "train", "--recipe", "demo", "--cache", str(cache), "--out", "run",
                            "--device", "cpu", "--set", "amp=bf16", "--set", "selection=fixed",
                            "--set", "iterations=2", "--set", "batch_size=8", "--quiet"],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                          capture_output=True, text=True, cwd=tmp_path, timeout=600,
                           env={**os.environ, "MSDN_CPU_BF16": "emulated"})
     assert done.returncode == 0, done.stderr
     assert "SlowPrecisionWarning" in done.stderr and "6x slower" in done.stderr
@@ -50,6 +50,6 @@ def test_a_bad_override_is_one_clear_line(tmp_path):
     cache = write_tiny_cache(tmp_path / "tiny.h5")
     done = subprocess.run(["msdn", "train", "--recipe", "demo", "--cache", str(cache), "--out", "run",
                            "--device", "cpu", "--set", "amp=bf16", "--quiet"], capture_output=True, text=True,
-                          cwd=tmp_path, timeout=120, env={**os.environ, "MSDN_CPU_BF16": "maybe"})
+                          cwd=tmp_path, timeout=600, env={**os.environ, "MSDN_CPU_BF16": "maybe"})
     assert done.returncode == 1
     assert done.stderr.strip() == "Error: $MSDN_CPU_BF16 must be 'native' or 'emulated', got 'maybe'"
