@@ -4,7 +4,14 @@ from __future__ import annotations
 import contextlib
 import os
 
-import click
+# OpenMP threads that wait by spinning burn the cores a neighbour needs, and a spinner descheduled
+# by a neighbour stalls its own team. Measured by bench/omp_policy.py on a shared 2-core machine
+# (2 torch threads, README "CPU threads on shared machines"): PASSIVE cut extraction to 1/3 (busy
+# machine) and 1/10 (plus two saturating processes) of the default's wall time per image, and
+# training steps by 35%, at the CPU cost of one thread. Set before torch loads; the user's wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import click  # noqa: E402
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -164,7 +171,9 @@ def baseline(cache_path, cache_dir, out_dir, method, overwrite):
               help="Override a field of the demo recipe, e.g. --set lambda_causal=0.3 (repeatable).")
 @click.option("--device", default="auto", show_default=True, help="auto = cuda if available, else cpu.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def demo(out_dir, overrides, device, quiet):
+@click.option("--images-per-class", type=click.IntRange(min=2), default=None,
+              help="Render this many images per class [default: 32]; fewer for a quick check (new --out).")
+def demo(out_dir, overrides, device, quiet, images_per_class):
     """Render the demo set, extract features, train, evaluate, print the results table."""
     from pipeline.demo import run_demo
     from pipeline.evaluate import evaluation_rows
@@ -172,7 +181,8 @@ def demo(out_dir, overrides, device, quiet):
     from pipeline.runlog import format_table
 
     try:
-        result = run_demo(out_dir, device=device, overrides=overrides, progress=not quiet, log=click.echo)
+        result = run_demo(out_dir, device=device, overrides=overrides, images_per_class=images_per_class,
+                          progress=not quiet, log=click.echo)
     except EXTRACT_ERRORS + _stage2_errors() as err:
         raise click.ClickException(str(err)) from None
     click.echo(format_table(evaluation_rows(result["evaluate"])))

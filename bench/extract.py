@@ -18,8 +18,9 @@
    tree, marginal). On a shared, busy machine wall-clock rates are noise while CPU seconds still say
    how much work extraction adds per image; with `--threads 1` (one forward thread, no workers)
    the CPU ratio is what the wall-clock ratio would be on an idle core. Where other processes share
-   the cores, OpenMP's default spin-waiting wastes most of them: compare with OMP_WAIT_POLICY=PASSIVE
-   in the environment (it must be set before torch loads; the extraction subprocess inherits it).
+   the cores, OpenMP's default spin-waiting wastes most of them, so `msdn` and this bench (its bare
+   forward must run as the extraction does) default to OMP_WAIT_POLICY=PASSIVE; compare with
+   OMP_WAIT_POLICY=ACTIVE in the environment (read when torch loads; the subprocess inherits it).
 """
 from __future__ import annotations
 
@@ -34,8 +35,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-from PIL import Image
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `msdn` does (cli.py), before torch loads
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.backbone_forward import memory_format_of, time_batches  # noqa: E402

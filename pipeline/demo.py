@@ -20,15 +20,17 @@ DEMO_IMAGE_SIZE = 224
 
 
 def run_demo(out_dir: str | Path, *, device: str = "auto", overrides: tuple[str, ...] = (),
-             progress: bool = True, log=print) -> dict:
-    """Run the demo into `out_dir`; return {"cache", "run", "train", "evaluate", "seconds"}."""
+             images_per_class: int | None = None, progress: bool = True, log=print) -> dict:
+    """Run the demo into `out_dir`; return {"cache", "run", "train", "evaluate", "seconds"}.
+    `images_per_class` renders a smaller (or larger) set than the default 32 (a quick check)."""
     out_dir = Path(out_dir)
     seconds = {}
 
     start = time.perf_counter()
     cache = run_extract(ExtractOptions(
         dataset="demo", data_root=str(out_dir / "data"), backbone=DEMO_BACKBONE, image_size=DEMO_IMAGE_SIZE,
-        out=str(out_dir / f"demo_{DEMO_BACKBONE}_{DEMO_IMAGE_SIZE}.h5"), device=device, progress=progress), log=log)
+        out=str(out_dir / f"demo_{DEMO_BACKBONE}_{DEMO_IMAGE_SIZE}.h5"), device=device, progress=progress,
+        dataset_options={} if images_per_class is None else {"images_per_class": images_per_class}), log=log)
     seconds["render+extract"] = time.perf_counter() - start
     log(f"feature cache: {cache}")
 

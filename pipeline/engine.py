@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from heads.msdn import MSDN
 from heads.regions import Regions
+from pipeline.precision import choose_amp
 from pipeline.metrics import gzsl_accuracy, gzsl_report, harmonic_mean
 from pipeline.samplers import build_sampler
 from pipeline.resident import ResidentFeatures
@@ -32,15 +33,9 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def resolve_amp(amp: str, device: torch.device) -> str:
-    """"auto": bf16 autocast on CUDA (bf16 keeps fp32's range, so no loss scaling), float32 on CPU.
-    CPU bf16 stays opt-in (--set amp=bf16): even with native AVX512-BF16 it moved the demo's test
-    ZSL by 0.8 points against float32 (94.9 -> 94.1; H 94.7 -> 95.1; 2 of 256 images), more than
-    the 0.5 we accept for a default, and without native support its matmuls are emulated and slower
-    than float32. On CUB-100 (224 px, 1,610 + 2,190 test images) bf16 with float16 features moved
-    ZSL by 0.00 and H by 0.05 points and trained 1.8x faster on an AVX512-BF16 CPU."""
-    if amp != "auto":
-        return amp
-    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "none"
+    """The autocast precision a run on `device` uses for config amp = `amp` (pipeline/precision.py
+    says why; it warns when bf16 is asked on a CPU without native bf16)."""
+    return choose_amp(amp, device).amp
 
 
 def autocast(amp: str, device: torch.device):

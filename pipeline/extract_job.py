@@ -1,7 +1,7 @@
 """`msdn extract`: map command-line options onto a dataset, a backbone spec and the extraction engine."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cache.reader import CacheError
@@ -32,6 +32,7 @@ class ExtractOptions:
     skip_bad: bool = False
     overwrite: bool = False
     progress: bool = True
+    dataset_options: dict = field(default_factory=dict)  # adapter options, e.g. the demo's images_per_class
 
 
 def default_data_root(dataset: str) -> str:
@@ -54,7 +55,8 @@ def build_inputs(options: ExtractOptions):
     """(dataset, backbone spec, output path) that `options` describe."""
     name = canonical_name(options.dataset)
     data_root = options.data_root or default_data_root(name)
-    dataset = build_dataset(name, data_root=data_root, xlsa17_root=options.xlsa17_root, w2v_root=options.w2v_root)
+    dataset = build_dataset(name, data_root=data_root, xlsa17_root=options.xlsa17_root, w2v_root=options.w2v_root,
+                            **options.dataset_options)
     try:
         spec = BackboneSpec(options.backbone, options.image_size, options.weights)
     except ValueError as err:

@@ -24,8 +24,8 @@ from cache.reader import CacheError, FeatureCache
 from heads.runtime import keep_freed_memory
 from pipeline.checkpoint import cache_identity, save_checkpoint
 from pipeline.config import TrainConfig
-from pipeline.engine import (build_model, deterministic_mode, evaluate_task, fit, resolve_amp,
-                             resolve_device)
+from pipeline.engine import build_model, deterministic_mode, evaluate_task, fit, resolve_device
+from pipeline.precision import choose_amp
 from pipeline.runlog import RunLog, write_json_atomic
 from pipeline.resident import ResidentFeatures, bank_dtype
 from pipeline.tasks import Task, benchmark_task, usable_splits, validation_task
@@ -38,7 +38,8 @@ def train(config: TrainConfig, cache_path: str | Path, out_dir: str | Path, *, d
           overwrite: bool = False) -> dict:
     """Train, select, evaluate; write the run folder; return the summary dict (see summary.json)."""
     device, cache_path, out_dir = resolve_device(device), Path(cache_path), Path(out_dir)
-    amp = resolve_amp(config.amp, device)
+    amp_choice = choose_amp(config.amp, device)
+    amp = amp_choice.amp
     keep_freed_memory(True)  # the step's large temporaries reuse mapped memory (heads/runtime.py)
     with FeatureCache(cache_path) as cache, deterministic_mode(deterministic):
         labels = np.asarray(cache.labels)
@@ -53,7 +54,8 @@ def train(config: TrainConfig, cache_path: str | Path, out_dir: str | Path, *, d
         run = RunLog(out_dir, overwrite=overwrite)
         run.write_config({**config.to_dict(), "run": {
             "cache": str(cache_path), "cache_identity": identity, "device": str(device), "amp": amp,
-            "deterministic": deterministic, "paper_protocol": paper_protocol, "skipped_rows_dropped": skipped,
+            "amp_choice": amp_choice.to_dict(), "deterministic": deterministic, "paper_protocol": paper_protocol,
+            "skipped_rows_dropped": skipped,
             "tasks": [t.describe() for t in (val, test) if t is not None]}})
         rows = np.concatenate([test.train_rows, test.eval_seen_rows, test.eval_unseen_rows])
         store = ResidentFeatures(cache, rows, device, bank_dtype(config.feature_dtype, amp),
