@@ -23,6 +23,11 @@ from pipeline.resident import ResidentFeatures
 from pipeline.tasks import Task
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# Host memory one evaluation batch may take (its gathered regions and the head's activations).
+# At the recipes' eval_batch_size of 1024 CUB images the batch alone is ~3 GB, twice a 2,000-image
+# bank: on the host the evaluation batch, not the bank, set the run's peak. ~100 images a batch
+# keep the GEMMs just as efficient.
+EVAL_HOST_BYTES = 256 << 20
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -142,11 +147,23 @@ def fit(model: MSDN, store: ResidentFeatures, train_rows: np.ndarray, train_labe
             "samples_per_s": total_samples / max(seconds, 1e-9), "loss": last.get("loss")}
 
 
+def evaluation_batch_size(store, num_attributes: int, batch_size: int) -> int:
+    """`batch_size`, cut on the host to what fits EVAL_HOST_BYTES: per region the gathered row and
+    about two float32 copies of the head's (4 x attributes) projection (the projection itself,
+    then the softmaxes and their products). A GPU keeps the full batch (device memory is its own)."""
+    if store.device.type != "cpu":
+        return batch_size
+    per_image = store.num_regions * (store.feature_dim * store.dtype.itemsize + 2 * 4 * num_attributes * 4)
+    return max(1, min(batch_size, EVAL_HOST_BYTES // per_image))
+
+
 @torch.inference_mode()
 def predict_scores(model: MSDN, store: ResidentFeatures, rows: np.ndarray, *, batch_size: int, amp: str) -> torch.Tensor:
-    """Fused, biased class scores (N, K) in float32 for the cache rows, in large no-grad batches."""
+    """Fused, biased class scores (N, K) in float32 for the cache rows, in large no-grad batches
+    (on the host no larger than `evaluation_batch_size` allows)."""
     model.eval()
     chunks = []
+    batch_size = evaluation_batch_size(store, model.num_attributes, batch_size)
     for features in store.batches(store.positions(rows), batch_size):
         with autocast(amp, store.device):
             chunks.append(model.fused_scores(model(features)).float())

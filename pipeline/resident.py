@@ -29,16 +29,23 @@ def bank_dtype(feature_dtype: str, amp: str) -> str:
 
 
 class _CacheRows:
-    """The cache rows `rows` as a sliceable source for RegionBank (read a chunk at a time)."""
+    """The cache rows `rows` as a sliceable source for RegionBank: each slice is read, in the
+    stored dtype (a float32 copy would double it for nothing), into one reused buffer, so a
+    returned chunk is valid until the next one is read (RegionBank converts each at once)."""
 
     def __init__(self, cache, rows: np.ndarray):
         self.cache, self.rows = cache, rows
+        self._buffer = torch.empty(0, dtype=cache.stored_dtype)
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, index: slice) -> torch.Tensor:
-        return self.cache.features(rows=self.rows[index], dtype=torch.float32)
+        rows = self.rows[index]
+        shape = (len(rows), *self.cache.feature_shape)
+        if self._buffer.numel() < math.prod(shape):
+            self._buffer = torch.empty(math.prod(shape), dtype=self.cache.stored_dtype)
+        return self.cache.features(rows=rows, out=self._buffer[:math.prod(shape)].view(shape))
 
 
 class ResidentFeatures:
@@ -64,6 +71,14 @@ class ResidentFeatures:
     @property
     def nbytes(self) -> int:
         return self.bank.data.numel() * self.bank.data.element_size()
+
+    @property
+    def num_regions(self) -> int:
+        return self.bank.num_regions
+
+    @property
+    def feature_dim(self) -> int:
+        return self.bank.feature_dim
 
     def positions(self, cache_rows: np.ndarray) -> torch.Tensor:
         """Positions in this store of cache rows (all must be held)."""
