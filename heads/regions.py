@@ -62,6 +62,16 @@ CHUNK_BYTES = 32 << 20  # raw maps read at a time: the bank's only large tempora
 NORMALISE_BYTES = 4 << 20
 
 
+def normalise_into(out: torch.Tensor, maps: torch.Tensor, order=None) -> None:
+    """out[k] = prepare_regions(maps[order[k]]) for a (n, R, f) `out` (default order: maps' own),
+    NORMALISE_BYTES of regions at a time. Every feature store fills its rows through here, so a
+    resident bank and a streamed batch hold the same bits."""
+    step = max(1, NORMALISE_BYTES // (out.shape[1] * out.shape[2] * 4))
+    for at in range(0, len(out), step):
+        part = maps[at:at + step] if order is None else maps[torch.as_tensor(order[at:at + step])]
+        prepare_regions(part, out.dtype, out=out[at:at + len(part)])
+
+
 def _read(source, start: int, stop: int) -> torch.Tensor:
     block = source[start:stop]
     if not isinstance(block, torch.Tensor):
@@ -91,12 +101,9 @@ class RegionBank:
         chunk = chunk or max(1, CHUNK_BYTES // (first.numel() * first.element_size()))
         # pin_memory: a host bank that feeds a GPU through asynchronous copies
         self.data = torch.empty((n, R, f), dtype=dtype, device=device, pin_memory=pin_memory)
-        step = max(1, NORMALISE_BYTES // (R * f * 4))
         for start in range(0, n, chunk):
             block = _read(source, start, start + chunk).to(device)
-            for at in range(0, len(block), step):
-                part = block[at:at + step]
-                prepare_regions(part, dtype, out=self.data[start + at:start + at + len(part)])
+            normalise_into(self.data[start:start + len(block)], block)
 
     def __len__(self) -> int:
         return self.data.shape[0]

@@ -117,30 +117,30 @@ def fit(model: MSDN, store: ResidentFeatures, train_rows: np.ndarray, train_labe
     samples, total_samples, eval_seconds, clock = 0, 0, 0.0, time.perf_counter()
     start = clock
     bar = tqdm(total=steps, desc=desc, disable=not progress, dynamic_ncols=True, leave=False)
-    for step in range(1, steps + 1):
-        model.train()
-        picked = sampler()
-        features = store.gather(positions[picked])
-        labels = labels_idx[picked].to(device, non_blocking=True)
-        losses = train_step(model, optimizer, scaler, features, labels, amp=amp, counterfactual=counterfactual)
-        terms = torch.stack([v.detach().float() for v in losses.values()])
-        running = terms if running is None else running + terms
-        n_running += 1
-        samples += len(picked)
-        total_samples += len(picked)
-        if step % config.log_every == 0 or step == steps or (eval_every and step % eval_every == 0):
-            values = (running / n_running).tolist()  # the loop's only host synchronisation
-            now = time.perf_counter()
-            last = {k: float(v) for k, v in zip(losses.keys(), values)}
-            last["samples_per_s"] = samples / max(now - clock, 1e-9)
-            bar.set_postfix(loss=f"{last['loss']:.3f}", samples_s=f"{last['samples_per_s']:.0f}")
-            running, n_running, samples, clock = None, 0, 0, now
-        bar.update(1)
-        if on_eval is not None and eval_every and (step % eval_every == 0 or step == steps):
-            eval_start = time.perf_counter()
-            on_eval(step, dict(last))
-            clock = time.perf_counter()  # evaluation time does not count as training time
-            eval_seconds += clock - eval_start
+    # closed on the way out, so a streaming store's reading thread stops with the loop
+    with contextlib.closing(store.training_batches(positions, sampler, steps, config.batch_size)) as batches:
+        for step, (picked, features) in enumerate(batches, start=1):
+            model.train()
+            labels = labels_idx[picked].to(device, non_blocking=True)
+            losses = train_step(model, optimizer, scaler, features, labels, amp=amp, counterfactual=counterfactual)
+            terms = torch.stack([v.detach().float() for v in losses.values()])
+            running = terms if running is None else running + terms
+            n_running += 1
+            samples += len(picked)
+            total_samples += len(picked)
+            if step % config.log_every == 0 or step == steps or (eval_every and step % eval_every == 0):
+                values = (running / n_running).tolist()  # the loop's only host synchronisation
+                now = time.perf_counter()
+                last = {k: float(v) for k, v in zip(losses.keys(), values)}
+                last["samples_per_s"] = samples / max(now - clock, 1e-9)
+                bar.set_postfix(loss=f"{last['loss']:.3f}", samples_s=f"{last['samples_per_s']:.0f}")
+                running, n_running, samples, clock = None, 0, 0, now
+            bar.update(1)
+            if on_eval is not None and eval_every and (step % eval_every == 0 or step == steps):
+                eval_start = time.perf_counter()
+                on_eval(step, dict(last))
+                clock = time.perf_counter()  # evaluation time does not count as training time
+                eval_seconds += clock - eval_start
     bar.close()
     seconds = time.perf_counter() - start - eval_seconds
     return {"steps": steps, "seconds": seconds, "eval_seconds": eval_seconds,

@@ -55,7 +55,7 @@ class ResidentFeatures:
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
         nbytes = len(self.rows) * math.prod(cache.feature_shape) * self.dtype.itemsize
-        self.resident = self.device.type != "cuda" or nbytes < DEVICE_MEMORY_SHARE * _free_bytes(self.device)
+        self.resident = self.device.type != "cuda" or device_holds(nbytes, self.device)
         self.index_device = self.device if self.resident else torch.device("cpu")
         self.bank = RegionBank(_CacheRows(cache, self.rows), dtype=self.dtype, device=self.index_device,
                                pin_memory=not self.resident)
@@ -101,10 +101,21 @@ class ResidentFeatures:
         self._copied[turn].record()
         return Regions(batch.view(-1, self.bank.feature_dim), len(positions), self.bank.num_regions)
 
+    def training_batches(self, positions: torch.Tensor, sampler, steps: int, batch_size: int):
+        """(picked, Regions) for `steps` batches drawn by `sampler` (positions into `positions`)."""
+        for _ in range(steps):
+            picked = sampler()
+            yield picked, self.gather(positions[picked])
+
     def batches(self, positions: torch.Tensor, batch_size: int):
         """Consecutive slices of `positions`, gathered (evaluation)."""
         for start in range(0, len(positions), batch_size):
             yield self.gather(positions[start:start + batch_size])
+
+
+def device_holds(nbytes: int, device: torch.device) -> bool:
+    """A CUDA device has room for a bank of `nbytes` next to the training's own memory."""
+    return nbytes < DEVICE_MEMORY_SHARE * _free_bytes(device)
 
 
 def _free_bytes(device: torch.device) -> int:
