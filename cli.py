@@ -86,6 +86,11 @@ def _stage2_errors():
     return (CacheError, CheckpointError, ConfigError, RunFolderError)
 
 
+_MAX_MEMORY_OPTION = click.option(
+    "--max-memory", default="auto", show_default=True, metavar="SIZE",
+    help="Memory the run may use, e.g. 6G: a feature bank that does not fit is streamed from the cache file.")
+
+
 @main.command()
 @click.option("--recipe", required=True, help="Recipe name (CUB, SUN, AWA2, APY, FLO, CUB100, demo) or a .toml path.")
 @click.option("--cache", "cache_path", required=True,
@@ -99,8 +104,10 @@ def _stage2_errors():
 @click.option("--paper-protocol", is_flag=True,
               help="Also report the released code's best-on-TEST numbers, labelled as such.")
 @click.option("--overwrite", is_flag=True, help="Reuse an --out folder that already holds a run.")
+@_MAX_MEMORY_OPTION
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train(recipe, cache_path, cache_dir, out_dir, overrides, device, deterministic, paper_protocol, overwrite, quiet):
+def train(recipe, cache_path, cache_dir, out_dir, overrides, device, deterministic, paper_protocol, overwrite, quiet,
+          max_memory):
     """Train the MSDN++ heads on a feature cache; select on validation classes; report on test."""
     from pipeline.cache_jobs import resolve_cache
     from pipeline.config import apply_overrides, load_recipe
@@ -112,7 +119,8 @@ def train(recipe, cache_path, cache_dir, out_dir, overrides, device, determinist
         config = apply_overrides(load_recipe(recipe), list(overrides))
         cache_path = resolve_cache(cache_path, cache_dir)
         summary = run_training(config, cache_path, out_dir, device=device, deterministic=deterministic,
-                               paper_protocol=paper_protocol, progress=not quiet, overwrite=overwrite)
+                               paper_protocol=paper_protocol, progress=not quiet, overwrite=overwrite,
+                               max_memory=max_memory, log=lambda message: click.echo(message, err=True))
     except _stage2_errors() as err:
         raise click.ClickException(str(err)) from None
     click.echo(format_table(summary_rows(summary)))
@@ -128,7 +136,8 @@ def train(recipe, cache_path, cache_dir, out_dir, overrides, device, determinist
 @click.option("--gamma", type=float, default=None, help="Calibrated-stacking gamma (default: the checkpoint's).")
 @click.option("--device", default="auto", show_default=True, help="auto = cuda if available, else cpu.")
 @click.option("--overwrite", is_flag=True, help="Reuse an --out folder that already holds a run.")
-def evaluate(checkpoint, cache_path, cache_dir, out_dir, gamma, device, overwrite):
+@_MAX_MEMORY_OPTION
+def evaluate(checkpoint, cache_path, cache_dir, out_dir, gamma, device, overwrite, max_memory):
     """Evaluate a checkpoint on the test split of its cache (ZSL, GZSL U/S/H, AUSUC)."""
     from pipeline.cache_jobs import resolve_cache
     from pipeline.evaluate import evaluate as run_evaluation
@@ -137,7 +146,8 @@ def evaluate(checkpoint, cache_path, cache_dir, out_dir, gamma, device, overwrit
 
     try:
         summary = run_evaluation(checkpoint, resolve_cache(cache_path, cache_dir), out_dir=out_dir, device=device, gamma=gamma,
-                                 overwrite=overwrite)
+                                 overwrite=overwrite, max_memory=max_memory,
+                                 log=lambda message: click.echo(message, err=True))
     except _stage2_errors() as err:
         raise click.ClickException(str(err)) from None
     click.echo(format_table(evaluation_rows(summary)))

@@ -109,6 +109,11 @@ class FeatureCache:
         return mask
 
     @property
+    def stored_dtype(self) -> torch.dtype:
+        """The torch dtype of the stored feature maps (reading in it is a plain copy)."""
+        return torch.from_numpy(np.empty(0, self.file[L.FEATURES].dtype)).dtype
+
+    @property
     def complete(self) -> bool:
         """Every row holds valid features (False while extracting, or when rows were skipped)."""
         return bool(self.done.all())
@@ -127,11 +132,13 @@ class FeatureCache:
 
     # ------------------------------------------------------------------ feature maps
     def features(self, rows=None, device="cpu", dtype: torch.dtype = torch.float16, *,
-                 allow_incomplete: bool = False) -> torch.Tensor:
+                 allow_incomplete: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
         """Feature maps of `rows` (default: all) as one (n, C, H, W) tensor on `device`.
 
         Read in chunks of rows straight into a preallocated tensor (pinned staging when the target
-        is CUDA); the stored dtype is converted by torch, never through float64.
+        is CUDA); the stored dtype is converted by torch, never through float64. `out`: a CPU
+        tensor of the stored dtype to read into instead (a reader that reuses one buffer: a fresh
+        ~32 MB tensor per call fragments glibc's heap, which then keeps several of them mapped).
         """
         rows = np.arange(self.num_images) if rows is None else np.asarray(rows, dtype=np.int64).reshape(-1)
         if rows.size and (rows.min() < 0 or rows.max() >= self.num_images):
@@ -141,6 +148,13 @@ class FeatureCache:
             raise CacheError(f"{self.path}: {not_done.size} requested row(s) hold no valid features "
                              f"(first: row {not_done[0]}; skipped images or an unfinished extraction — "
                              "finish it with `msdn extract --resume`)")
+        if out is not None:
+            if out.dtype != self.stored_dtype or out.device.type != "cpu" or \
+                    tuple(out.shape) != (rows.size, *self.feature_shape) or not out.is_contiguous():
+                raise ValueError(f"FeatureCache.features: out must be a contiguous CPU "
+                                 f"{(rows.size, *self.feature_shape)} tensor of {self.stored_dtype}")
+            self._read_rows(rows, out.numpy())
+            return out
         device = torch.device(device)
         out = torch.empty((rows.size, *self.feature_shape), dtype=dtype, device=device)
         stored = self.file[L.FEATURES].dtype

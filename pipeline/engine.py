@@ -24,6 +24,11 @@ from pipeline.resident import ResidentFeatures
 from pipeline.tasks import Task
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# Host memory one evaluation batch may take (its gathered regions and the head's activations).
+# At the recipes' eval_batch_size of 1024 CUB images the batch alone is ~3 GB, twice a 2,000-image
+# bank: on the host the evaluation batch, not the bank, set the run's peak. ~100 images a batch
+# keep the GEMMs just as efficient.
+EVAL_HOST_BYTES = 256 << 20
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -107,45 +112,57 @@ def fit(model: MSDN, store: ResidentFeatures, train_rows: np.ndarray, train_labe
     samples, total_samples, eval_seconds, clock = 0, 0, 0.0, time.perf_counter()
     start = clock
     bar = tqdm(total=steps, desc=desc, disable=not progress, dynamic_ncols=True, leave=False)
-    for step in range(1, steps + 1):
-        model.train()
-        picked = sampler()
-        features = store.gather(positions[picked])
-        labels = labels_idx[picked].to(device, non_blocking=True)
-        # 0 while lambda_causal = 0 or during the causal warm-up: exactly MSDN, no counterfactual work
-        causal_scale = config.head.causal_scale(step)
-        losses = train_step(model, optimizer, scaler, features, labels, amp=amp, causal_scale=causal_scale)
-        terms = torch.stack([v.detach().float() for v in losses.values()])
-        if running is not None and len(losses) != len(running):  # the causal terms start after a warm-up
-            running, n_running = None, 0
-        running = terms if running is None else running + terms
-        n_running += 1
-        samples += len(picked)
-        total_samples += len(picked)
-        if step % config.log_every == 0 or step == steps or (eval_every and step % eval_every == 0):
-            values = (running / n_running).tolist()  # the loop's only host synchronisation
-            now = time.perf_counter()
-            last = {k: float(v) for k, v in zip(losses.keys(), values)}
-            last["samples_per_s"] = samples / max(now - clock, 1e-9)
-            bar.set_postfix(loss=f"{last['loss']:.3f}", samples_s=f"{last['samples_per_s']:.0f}")
-            running, n_running, samples, clock = None, 0, 0, now
-        bar.update(1)
-        if on_eval is not None and eval_every and (step % eval_every == 0 or step == steps):
-            eval_start = time.perf_counter()
-            on_eval(step, dict(last))
-            clock = time.perf_counter()  # evaluation time does not count as training time
-            eval_seconds += clock - eval_start
+    # closed on the way out, so a streaming store's reading thread stops with the loop
+    with contextlib.closing(store.training_batches(positions, sampler, steps, config.batch_size)) as batches:
+        for step, (picked, features) in enumerate(batches, start=1):
+            model.train()
+            labels = labels_idx[picked].to(device, non_blocking=True)
+            # 0 while lambda_causal = 0 or during the causal warm-up: exactly MSDN, no counterfactual work
+            causal_scale = config.head.causal_scale(step)
+            losses = train_step(model, optimizer, scaler, features, labels, amp=amp, causal_scale=causal_scale)
+            terms = torch.stack([v.detach().float() for v in losses.values()])
+            if running is not None and len(losses) != len(running):  # the causal terms start after a warm-up
+                running, n_running = None, 0
+            running = terms if running is None else running + terms
+            n_running += 1
+            samples += len(picked)
+            total_samples += len(picked)
+            if step % config.log_every == 0 or step == steps or (eval_every and step % eval_every == 0):
+                values = (running / n_running).tolist()  # the loop's only host synchronisation
+                now = time.perf_counter()
+                last = {k: float(v) for k, v in zip(losses.keys(), values)}
+                last["samples_per_s"] = samples / max(now - clock, 1e-9)
+                bar.set_postfix(loss=f"{last['loss']:.3f}", samples_s=f"{last['samples_per_s']:.0f}")
+                running, n_running, samples, clock = None, 0, 0, now
+            bar.update(1)
+            if on_eval is not None and eval_every and (step % eval_every == 0 or step == steps):
+                eval_start = time.perf_counter()
+                on_eval(step, dict(last))
+                clock = time.perf_counter()  # evaluation time does not count as training time
+                eval_seconds += clock - eval_start
     bar.close()
     seconds = time.perf_counter() - start - eval_seconds
     return {"steps": steps, "seconds": seconds, "eval_seconds": eval_seconds,
             "samples_per_s": total_samples / max(seconds, 1e-9), "loss": last.get("loss")}
 
 
+def evaluation_batch_size(store, num_attributes: int, batch_size: int) -> int:
+    """`batch_size`, cut on the host to what fits EVAL_HOST_BYTES: per region the gathered row and
+    about two float32 copies of the head's (4 x attributes) projection (the projection itself,
+    then the softmaxes and their products). A GPU keeps the full batch (device memory is its own)."""
+    if store.device.type != "cpu":
+        return batch_size
+    per_image = store.num_regions * (store.feature_dim * store.dtype.itemsize + 2 * 4 * num_attributes * 4)
+    return max(1, min(batch_size, EVAL_HOST_BYTES // per_image))
+
+
 @torch.inference_mode()
 def predict_scores(model: MSDN, store: ResidentFeatures, rows: np.ndarray, *, batch_size: int, amp: str) -> torch.Tensor:
-    """Fused, biased class scores (N, K) in float32 for the cache rows, in large no-grad batches."""
+    """Fused, biased class scores (N, K) in float32 for the cache rows, in large no-grad batches
+    (on the host no larger than `evaluation_batch_size` allows)."""
     model.eval()
     chunks = []
+    batch_size = evaluation_batch_size(store, model.num_attributes, batch_size)
     for features in store.batches(store.positions(rows), batch_size):
         with autocast(amp, store.device):
             chunks.append(model.fused_scores(model(features)).float())

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -12,13 +13,15 @@ from pipeline.checkpoint import cache_identity, check_compatible, load_checkpoin
 from pipeline.config import TrainConfig
 from pipeline.engine import build_model, evaluate_task, resolve_amp, resolve_device
 from pipeline.runlog import RunLog, write_json_atomic
-from pipeline.resident import ResidentFeatures, bank_dtype
+from pipeline.memory import describe_plan, open_features
+from pipeline.resident import bank_dtype
 from pipeline.tasks import benchmark_task, usable_splits
 
 
 def evaluate(checkpoint: str | Path, cache_path: str | Path, *, out_dir: str | Path | None = None,
              device: str = "auto", gamma: float | None = None, amp: str | None = None,
-             batch_size: int | None = None, overwrite: bool = False) -> dict:
+             batch_size: int | None = None, overwrite: bool = False, max_memory: str | None = None,
+             log: Callable[[str], None] | None = None) -> dict:
     """ZSL, U/S/H at the checkpoint's gamma (or `gamma`), AUSUC, and the best-H point of the test
     curve. Refuses a cache whose content key or class split differs from the training cache.
     With `out_dir`, writes config.json, metrics.jsonl, summary.json and curve.json there."""
@@ -35,8 +38,11 @@ def evaluate(checkpoint: str | Path, cache_path: str | Path, *, out_dir: str | P
         run = RunLog(out_dir, overwrite=overwrite) if out_dir is not None else None
         labels = np.asarray(cache.labels)
         task = benchmark_task(labels, usable_splits(cache)[0], num_classes=identity["num_classes"])
-        store = ResidentFeatures(cache, np.concatenate([task.eval_seen_rows, task.eval_unseen_rows]), device,
-                             bank_dtype(config.feature_dtype, amp), max_batch=batch_size)
+        store, plan = open_features(cache, np.concatenate([task.eval_seen_rows, task.eval_unseen_rows]), device,
+                                    bank_dtype(config.feature_dtype, amp), max_memory=max_memory,
+                                    batch_size=1, eval_batch_size=batch_size,  # no training step
+                                    num_attributes=int(cache.att.shape[1]))
+        (log or (lambda message: None))(describe_plan(plan))
         model = build_model(HeadConfig.from_dict(ckpt["config"]["head"]), cache, task, device, config.seed)
         model.load_state_dict(ckpt["model"])
         report = evaluate_task(model, store, task, labels, gamma=gamma, batch_size=batch_size, amp=amp,
@@ -49,7 +55,8 @@ def evaluate(checkpoint: str | Path, cache_path: str | Path, *, out_dir: str | P
                "best_gamma_on_test": report["best"], "recorded_at_training": ckpt["metrics"]}
     if run is not None:
         run.write_config({"checkpoint": str(checkpoint), "cache": str(cache_path), "gamma": gamma,
-                          "amp": amp, "device": str(device), "train_config": ckpt["config"]})
+                          "amp": amp, "device": str(device), "features": plan,
+                          "train_config": ckpt["config"]})
         run.log({"phase": "test", "step": ckpt["iteration"], **report})
         write_json_atomic(run.dir / "curve.json", {"split": "test", "step": ckpt["iteration"], **curve})
         run.write_summary(summary)

@@ -29,16 +29,23 @@ def bank_dtype(feature_dtype: str, amp: str) -> str:
 
 
 class _CacheRows:
-    """The cache rows `rows` as a sliceable source for RegionBank (read a chunk at a time)."""
+    """The cache rows `rows` as a sliceable source for RegionBank: each slice is read, in the
+    stored dtype (a float32 copy would double it for nothing), into one reused buffer, so a
+    returned chunk is valid until the next one is read (RegionBank converts each at once)."""
 
     def __init__(self, cache, rows: np.ndarray):
         self.cache, self.rows = cache, rows
+        self._buffer = torch.empty(0, dtype=cache.stored_dtype)
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, index: slice) -> torch.Tensor:
-        return self.cache.features(rows=self.rows[index], dtype=torch.float32)
+        rows = self.rows[index]
+        shape = (len(rows), *self.cache.feature_shape)
+        if self._buffer.numel() < math.prod(shape):
+            self._buffer = torch.empty(math.prod(shape), dtype=self.cache.stored_dtype)
+        return self.cache.features(rows=rows, out=self._buffer[:math.prod(shape)].view(shape))
 
 
 class ResidentFeatures:
@@ -48,7 +55,7 @@ class ResidentFeatures:
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
         nbytes = len(self.rows) * math.prod(cache.feature_shape) * self.dtype.itemsize
-        self.resident = self.device.type != "cuda" or nbytes < DEVICE_MEMORY_SHARE * _free_bytes(self.device)
+        self.resident = self.device.type != "cuda" or device_holds(nbytes, self.device)
         self.index_device = self.device if self.resident else torch.device("cpu")
         self.bank = RegionBank(_CacheRows(cache, self.rows), dtype=self.dtype, device=self.index_device,
                                pin_memory=not self.resident)
@@ -64,6 +71,14 @@ class ResidentFeatures:
     @property
     def nbytes(self) -> int:
         return self.bank.data.numel() * self.bank.data.element_size()
+
+    @property
+    def num_regions(self) -> int:
+        return self.bank.num_regions
+
+    @property
+    def feature_dim(self) -> int:
+        return self.bank.feature_dim
 
     def positions(self, cache_rows: np.ndarray) -> torch.Tensor:
         """Positions in this store of cache rows (all must be held)."""
@@ -86,10 +101,21 @@ class ResidentFeatures:
         self._copied[turn].record()
         return Regions(batch.view(-1, self.bank.feature_dim), len(positions), self.bank.num_regions)
 
+    def training_batches(self, positions: torch.Tensor, sampler, steps: int, batch_size: int):
+        """(picked, Regions) for `steps` batches drawn by `sampler` (positions into `positions`)."""
+        for _ in range(steps):
+            picked = sampler()
+            yield picked, self.gather(positions[picked])
+
     def batches(self, positions: torch.Tensor, batch_size: int):
         """Consecutive slices of `positions`, gathered (evaluation)."""
         for start in range(0, len(positions), batch_size):
             yield self.gather(positions[start:start + batch_size])
+
+
+def device_holds(nbytes: int, device: torch.device) -> bool:
+    """A CUDA device has room for a bank of `nbytes` next to the training's own memory."""
+    return nbytes < DEVICE_MEMORY_SHARE * _free_bytes(device)
 
 
 def _free_bytes(device: torch.device) -> int:

@@ -17,6 +17,7 @@ reports the best H and the best ZSL accuracy seen (selection on the test set).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -27,7 +28,8 @@ from pipeline.config import TrainConfig
 from pipeline.engine import build_model, deterministic_mode, evaluate_task, fit, resolve_device
 from pipeline.precision import choose_amp
 from pipeline.runlog import RunLog, write_json_atomic
-from pipeline.resident import ResidentFeatures, bank_dtype
+from pipeline.memory import describe_plan, open_features
+from pipeline.resident import bank_dtype
 from pipeline.tasks import Task, benchmark_task, usable_splits, validation_task
 
 SCORE_KEYS = ("ZSL", "U", "S", "H", "AUSUC", "gamma")
@@ -35,8 +37,10 @@ SCORE_KEYS = ("ZSL", "U", "S", "H", "AUSUC", "gamma")
 
 def train(config: TrainConfig, cache_path: str | Path, out_dir: str | Path, *, device: str = "auto",
           deterministic: bool = False, paper_protocol: bool = False, progress: bool = True,
-          overwrite: bool = False) -> dict:
-    """Train, select, evaluate; write the run folder; return the summary dict (see summary.json)."""
+          overwrite: bool = False, max_memory: str | None = None, log: Callable[[str], None] | None = None) -> dict:
+    """Train, select, evaluate; write the run folder; return the summary dict (see summary.json).
+    max_memory: the process's memory limit ("6G"; default: from the available memory), which
+    decides between the resident bank and streaming (pipeline/memory.py); `log` gets that choice."""
     device, cache_path, out_dir = resolve_device(device), Path(cache_path), Path(out_dir)
     amp_choice = choose_amp(config.amp, device)
     amp = amp_choice.amp
@@ -52,14 +56,16 @@ def train(config: TrainConfig, cache_path: str | Path, out_dir: str | Path, *, d
             raise CacheError(f"{cache_path}: {err} (or train with --set selection=fixed)") from None
         identity = cache_identity(cache)
         run = RunLog(out_dir, overwrite=overwrite)
+        rows = np.concatenate([test.train_rows, test.eval_seen_rows, test.eval_unseen_rows])
+        store, plan = open_features(cache, rows, device, bank_dtype(config.feature_dtype, amp), max_memory=max_memory,
+                                    batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
+                                    num_attributes=int(cache.att.shape[1]))
+        (log or (lambda message: None))(describe_plan(plan))
         run.write_config({**config.to_dict(), "run": {
             "cache": str(cache_path), "cache_identity": identity, "device": str(device), "amp": amp,
             "amp_choice": amp_choice.to_dict(), "deterministic": deterministic, "paper_protocol": paper_protocol,
-            "skipped_rows_dropped": skipped,
+            "skipped_rows_dropped": skipped, "features": plan,
             "tasks": [t.describe() for t in (val, test) if t is not None]}})
-        rows = np.concatenate([test.train_rows, test.eval_seen_rows, test.eval_unseen_rows])
-        store = ResidentFeatures(cache, rows, device, bank_dtype(config.feature_dtype, amp),
-                             max_batch=max(config.batch_size, config.eval_batch_size))
         common = dict(cache=cache, store=store, labels=labels, amp=amp, run=run, progress=progress)
         if val is not None:
             selection = select_on_validation(config, val, **common)
@@ -70,7 +76,7 @@ def train(config: TrainConfig, cache_path: str | Path, out_dir: str | Path, *, d
     summary = {
         "recipe": config.recipe, "cache": str(cache_path), "content_key": identity["content_key"],
         "device": str(device), "amp": amp, "deterministic": deterministic,
-        "feature_store": {"resident_on_device": store.resident, "bytes": store.nbytes},
+        "feature_store": {"mode": plan["mode"], "resident_on_device": store.resident, "bytes": store.nbytes},
         "protocol": ("gamma and iteration count selected on validation classes; test evaluated once"
                      if val is not None else "fixed schedule and gamma; test evaluated once"),
         "selection": selection, **final,

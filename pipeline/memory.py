@@ -1,0 +1,118 @@
+"""Which feature store a run uses: the resident bank when it fits the memory the run may take,
+else streaming from the cache file (pipeline/streaming.py); both give the same batches.
+
+The limit is `--max-memory SIZE` (the whole process's resident memory) or, by default, what the
+process holds now plus 80% of the memory the system reports available (MemAvailable, within a
+cgroup's own limit). A host bank is chosen when the process's current footprint, the bank and the
+working set of the training and evaluation steps fit under it. The choice, the figures and why
+are returned for the run's config.json and log.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from pipeline.config import ConfigError
+from pipeline.engine import EVAL_HOST_BYTES
+from pipeline.resident import DTYPES, ResidentFeatures, device_holds
+from pipeline.streaming import READ_AHEAD, StreamingFeatures
+
+AVAILABLE_SHARE = 0.8  # of MemAvailable, for "auto": the page cache and other processes keep the rest
+# Live float32 copies of a training batch's (regions x 4 attributes) projection in one step
+# (forward temporaries, their gradients, the allocator's slack); ~0.85 GB on CUB at batch 50, measured.
+TRAIN_STEP_COPIES = 12
+
+
+def parse_max_memory(text: str | None) -> int | None:
+    """None/"auto" -> None; "6G", "500M", "0" -> bytes. Errors name --max-memory."""
+    if text is None or str(text).strip().lower() == "auto":
+        return None
+    from cache.store import StoreError
+    from pipeline.cache_jobs import parse_size
+    try:
+        size = parse_size(str(text))
+    except StoreError:
+        size = -1
+    if size < 0:
+        raise ConfigError(f"--max-memory: {text!r} is not a size (e.g. 6G, 500M, or auto)")
+    return size
+
+
+def process_rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) << 10
+    return 0
+
+
+def available_memory() -> int:
+    """MemAvailable, or less when a cgroup (v2) limit leaves less."""
+    available = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) << 10
+    except OSError:
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            room = max(0, int(limit) - used)
+            available = room if available is None else min(available, room)
+    except (OSError, ValueError):
+        pass
+    return available if available is not None else 1 << 62
+
+
+def working_bytes(cache, num_attributes: int, batch_size: int) -> int:
+    """Memory the training step and an evaluation batch take on top of the features."""
+    regions = math.prod(cache.feature_shape[1:])
+    return TRAIN_STEP_COPIES * batch_size * regions * 4 * num_attributes * 4 + EVAL_HOST_BYTES
+
+
+def open_features(cache, rows, device: torch.device, dtype: str, *, max_memory: str | None, batch_size: int,
+                  eval_batch_size: int, num_attributes: int):
+    """(store, plan): a ResidentFeatures or a StreamingFeatures over `rows`, and the decision."""
+    import numpy as np
+    limit = parse_max_memory(max_memory)
+    n = len(np.unique(rows))
+    per_image = math.prod(cache.feature_shape) * DTYPES[dtype].itemsize
+    bank = n * per_image
+    runtime = process_rss()
+    working = working_bytes(cache, num_attributes, batch_size)
+    source = "--max-memory" if limit is not None else f"{AVAILABLE_SHARE:.0%} of available memory"
+    if limit is None:
+        limit = runtime + int(AVAILABLE_SHARE * available_memory())
+    plan = {"limit_bytes": limit, "limit_from": source, "runtime_bytes": runtime, "bank_bytes": bank,
+            "working_bytes": working}
+    if device.type == "cuda" and device_holds(bank, device):
+        plan.update(mode="resident", reason="the bank fits in device memory")
+    elif runtime + bank + working <= limit:
+        plan.update(mode="resident", reason=f"runtime + bank + working set fit {source}")
+    else:
+        plan.update(mode="streaming", reason=f"runtime + bank + working set exceed {source}")
+        streamed = (READ_AHEAD + 3) * batch_size * per_image + 4 * min(eval_batch_size, 128) * per_image
+        if runtime + streamed + working > limit:
+            plan["warning"] = (f"the limit ({_gb(limit)}) is below what even streaming needs "
+                               f"(~{_gb(runtime + streamed + working)}): the run goes on and may exceed it")
+    if plan["mode"] == "resident":
+        store = ResidentFeatures(cache, rows, device, dtype, max_batch=max(batch_size, eval_batch_size))
+    else:
+        store = StreamingFeatures(cache, rows, device, dtype)
+    return store, plan
+
+
+def describe_plan(plan: dict) -> str:
+    """One line for the log."""
+    text = (f"features: {plan['mode']} (bank {_gb(plan['bank_bytes'])}, runtime {_gb(plan['runtime_bytes'])}, "
+            f"working set ~{_gb(plan['working_bytes'])}, limit {_gb(plan['limit_bytes'])} from "
+            f"{plan['limit_from']}: {plan['reason']})")
+    return text + (f"; warning: {plan['warning']}" if "warning" in plan else "")
+
+
+def _gb(nbytes: int) -> str:
+    return f"{nbytes / (1 << 30):.2f} GB"
