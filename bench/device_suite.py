@@ -18,7 +18,7 @@ Sections, in order (correctness first: a fast wrong answer is worth nothing):
   demo      `msdn demo` end to end on the device: its table and wall time.
 One JSON holds every figure, the device name and the versions; it is rewritten after each
 section. `--budget-s` is hard: when it runs out the current section is stopped (a SIGALRM), the
-rest are marked not run, and what was measured is printed and written. Exit status: 0 all ran and
+rest are marked `not run: budget`, and what was measured is printed and written. Exit status: 0 all ran and
 passed, 1 a check failed or a section raised, 3 the budget ran out.
 """
 from __future__ import annotations
@@ -148,6 +148,10 @@ def main(argv=None) -> int:
         exhausted = True
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
+    if exhausted:
+        for section in report["sections"].values():
+            if section["status"] == "not run":
+                section["status"] = "not run: budget"
     report["seconds"] = time.monotonic() - start
     args.json.write_text(json.dumps(report, indent=1, default=str))
     print_summary(report)

@@ -48,5 +48,7 @@ def test_a_budget_too_short_stops_cleanly_and_keeps_what_it_measured(tmp_path):
     assert done.returncode == 3, done.stdout[-3000:] + done.stderr[-3000:]
     sections = json.loads(out.read_text())["sections"]
     statuses = [s["status"] for s in sections.values()]
-    assert "stopped: budget" in statuses and statuses[-1] in ("stopped: budget", "not run")
+    # a loaded machine may spend the 8 s importing torch: then no section starts at all
+    assert set(statuses) <= {"ok", "stopped: budget", "not run: budget"}, statuses
+    assert statuses[-1] != "ok"
     assert "JSON:" in done.stdout
