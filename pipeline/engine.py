@@ -101,7 +101,7 @@ def fit(model: MSDN, store: ResidentFeatures, train_rows: np.ndarray, train_labe
         desc: str = "train", progress: bool = True) -> dict:
     """Train `model` for `steps` RMSprop steps on the given rows; call `on_eval(step, losses)` every
     `eval_every` steps (and at the last). Returns {"steps", "seconds" (training only),
-    "eval_seconds", "samples_per_s", "loss" (mean of the last logging interval)}."""
+    "eval_seconds", "cpu_seconds" (training only; the CPU time a shared machine does not distort), "samples_per_s", "loss" (mean of the last logging interval)}."""
     device = store.device
     positions = store.positions(train_rows)
     labels_idx = torch.as_tensor(train_labels, dtype=torch.long, device=store.index_device)
@@ -110,7 +110,7 @@ def fit(model: MSDN, store: ResidentFeatures, train_rows: np.ndarray, train_labe
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     running, n_running, last = None, 0, {}
     samples, total_samples, eval_seconds, clock = 0, 0, 0.0, time.perf_counter()
-    start = clock
+    start, start_cpu, eval_cpu = clock, time.process_time(), 0.0  # CPU: all threads, a streaming reader's too
     bar = tqdm(total=steps, desc=desc, disable=not progress, dynamic_ncols=True, leave=False)
     # closed on the way out, so a streaming store's reading thread stops with the loop
     with contextlib.closing(store.training_batches(positions, sampler, steps, config.batch_size)) as batches:
@@ -136,13 +136,15 @@ def fit(model: MSDN, store: ResidentFeatures, train_rows: np.ndarray, train_labe
                 running, n_running, samples, clock = None, 0, 0, now
             bar.update(1)
             if on_eval is not None and eval_every and (step % eval_every == 0 or step == steps):
-                eval_start = time.perf_counter()
+                eval_start, eval_start_cpu = time.perf_counter(), time.process_time()
                 on_eval(step, dict(last))
                 clock = time.perf_counter()  # evaluation time does not count as training time
                 eval_seconds += clock - eval_start
+                eval_cpu += time.process_time() - eval_start_cpu
     bar.close()
     seconds = time.perf_counter() - start - eval_seconds
     return {"steps": steps, "seconds": seconds, "eval_seconds": eval_seconds,
+            "cpu_seconds": time.process_time() - start_cpu - eval_cpu,
             "samples_per_s": total_samples / max(seconds, 1e-9), "loss": last.get("loss")}
 
 

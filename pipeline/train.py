@@ -153,6 +153,7 @@ def train_final(config: TrainConfig, test: Task, selection: dict, identity: dict
                  eval_every=config.eval_every if paper_protocol else chosen,
                  desc="final run", progress=progress)
     out["timing"] = {"final_train_seconds": timing["seconds"], "final_eval_seconds": timing["eval_seconds"],
+                     "final_train_cpu_seconds": timing["cpu_seconds"],
                      "samples_per_s": timing["samples_per_s"]}
     if paper_protocol:
         out["paper_protocol"] = {**paper, "note": "selected on the TEST set (best of every evaluation), as the "
