@@ -1,0 +1,33 @@
+"""The committed results (results/) re-read: each causal screen's paired table is recomputed from
+its runs.csv with the project's own code and must equal the committed paired.csv, and the README
+quotes the committed Markdown table, so no number in the README is typed by hand."""
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pipeline.causal_screen import paired_table, to_markdown
+
+ROOT = Path(__file__).resolve().parents[1]
+SCREENS = sorted(p.parent for p in (ROOT / "results").glob("**/paired.csv"))
+
+
+@pytest.mark.parametrize("folder", SCREENS, ids=[str(p.relative_to(ROOT)) for p in SCREENS])
+def test_paired_table_recomputes_from_runs(folder):
+    runs = pd.read_csv(folder / "runs.csv")
+    table = paired_table(runs)
+    committed = pd.read_csv(folder / "paired.csv", index_col="variant")
+    numbers = [c for c in committed.columns if committed[c].dtype.kind == "f"]
+    pd.testing.assert_frame_equal(table[numbers].astype(float), committed[numbers], check_exact=False, rtol=1e-9)
+    assert to_markdown(table) == (folder / "paired.md").read_text()
+
+
+@pytest.mark.parametrize("folder", SCREENS, ids=[str(p.relative_to(ROOT)) for p in SCREENS])
+def test_readme_quotes_the_committed_table(folder):
+    readme = (ROOT / "README.md").read_text()
+    for line in (folder / "paired.md").read_text().splitlines():
+        assert line in readme, f"README does not quote {folder.relative_to(ROOT)}/paired.md: {line}"
+
+
+def test_there_are_committed_screens():
+    assert SCREENS, "results/ holds no causal screen (paired.csv)"
