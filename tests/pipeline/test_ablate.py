@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.ablate import AblationError, builtin_ablations, cell_state, parse_grid, plan_cells
+from pipeline.ablate import VALIDATED_CAUSAL, AblationError, builtin_ablations, cell_state, parse_grid, plan_cells
 from pipeline.ablate_job import PRESETS, AblateOptions, run_ablate
 from pipeline.ablate_worker import Worker
 from pipeline.config import load_recipe
@@ -154,12 +154,14 @@ def test_builtin_ablations_change_what_their_names_say():
     base = load_recipe("CUB")
     reg = builtin_ablations(base)
     cfg = {name: a.overrides for name, a in reg.items()}
-    assert cfg["full"] == {"lambda_causal": 1.0} and cfg["no_causal"] == {"lambda_causal": 0.0}
+    # the recipe trains plain MSDN, so "full" is the reading and weight the causal screen validated
+    assert cfg["full"] == VALIDATED_CAUSAL and cfg["no_causal"] == {"lambda_causal": 0.0}
+    assert VALIDATED_CAUSAL["lambda_causal"] > 0
     assert cfg["ava_only"]["subnets"] == "ava" and cfg["vaa_only"]["subnets"] == "vaa"
     assert cfg["no_distill"]["lambda_distill"] == 0.0 and cfg["no_calibration"]["lambda_cal"] == 0.0
     assert {n for n in reg if n.startswith("cf_")} == {"cf_uniform", "cf_reversed", "cf_shuffle"}  # random = full
     assert cfg["test_ava"]["fusion"] == (1.0, 0.0) and cfg["test_vaa"]["fusion"] == (0.0, 1.0)
-    assert all(o.get("lambda_causal") == 1.0 for n, o in cfg.items() if n != "no_causal")
+    assert all(o.get("lambda_causal") == VALIDATED_CAUSAL["lambda_causal"] for n, o in cfg.items() if n != "no_causal")
     cells = plan_cells("CUB", "out", ablations=list(reg), seeds=[0], overrides=["lambda_causal=0.3"])
     by_name = {c.variant: c.config.head for c in cells}
     assert by_name["full"].lambda_causal == 0.3 and by_name["no_causal"].lambda_causal == 0.0
