@@ -1,6 +1,7 @@
 """Hyper-parameters of the MSDN++ heads (SPEC.md §4-5) as one plain dataclass."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 
 SUBNETS = ("both", "ava", "vaa")
@@ -39,8 +40,11 @@ class HeadConfig:
              f"matmul_route must be one of {MATMUL_ROUTES}, got {self.matmul_route!r}"),
             (len(self.fusion) == 2, f"fusion must be two weights (w1, w2), got {self.fusion!r}"),
             (self.w2v_dim > 0, f"w2v_dim must be positive, got {self.w2v_dim}"),
-            (min(self.lambda_cal, self.lambda_distill, self.lambda_causal) >= 0,
-             "lambda_cal, lambda_distill and lambda_causal must be >= 0"),
+            (all(math.isfinite(v) and v >= 0 for v in (self.lambda_cal, self.lambda_distill, self.lambda_causal)),
+             "lambda_cal, lambda_distill and lambda_causal must be finite numbers >= 0, got "
+             f"{self.lambda_cal!r}, {self.lambda_distill!r}, {self.lambda_causal!r}"),
+            (math.isfinite(self.bias), f"bias must be a finite number, got {self.bias!r}"),
+            (all(math.isfinite(w) for w in self.fusion), f"fusion weights must be finite numbers, got {self.fusion!r}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -16,6 +16,7 @@ import math
 import numpy as np
 import torch
 
+from cache.reader import CacheError
 from heads.regions import RegionBank, Regions
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -29,16 +30,40 @@ def bank_dtype(feature_dtype: str, amp: str) -> str:
 
 
 class _CacheRows:
-    """The cache rows `rows` as a sliceable source for RegionBank (read a chunk at a time)."""
+    """The cache rows `rows` as a sliceable source for RegionBank (read a chunk at a time), noting
+    rows that hold NaN or inf on the way: a float16 cache stores inf for raw values above 65504,
+    and a row written as NaN passes its checksum. The test is one float32 sum per image (NaN or inf
+    anywhere makes it non-finite), a few percent of the time the bank takes to build."""
 
     def __init__(self, cache, rows: np.ndarray):
         self.cache, self.rows = cache, rows
+        self.nan_rows, self.inf_rows = set(), set()
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, index: slice) -> torch.Tensor:
-        return self.cache.features(rows=self.rows[index], dtype=torch.float32)
+        rows = self.rows[index]
+        block = self.cache.features(rows=rows, dtype=torch.float32)
+        if not bool(torch.isfinite(block.flatten(1).sum(1)).all()):
+            flat = block.flatten(1)
+            self.inf_rows.update(rows[torch.isinf(flat).any(1).numpy()].tolist())
+            self.nan_rows.update(rows[torch.isnan(flat).any(1).numpy()].tolist())
+        return block
+
+    def refuse_nonfinite(self) -> None:
+        bad = sorted(self.inf_rows | self.nan_rows)
+        if not bad:
+            return
+        shown = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
+        if self.inf_rows:
+            why = (f"row {min(self.inf_rows)} holds inf, which a float16 cache stores for values above 65504: "
+                   "re-extract with `msdn extract --dtype float32`")
+        else:
+            why = (f"row {bad[0]} holds NaN (its checksum can still match: written so, or damaged before the "
+                   "checksum was taken): re-extract the cache")
+        raise CacheError(f"{self.cache.path}: {len(bad)} of {len(self.rows)} rows used here hold non-finite "
+                         f"features (cache rows {shown}); {why}")
 
 
 class ResidentFeatures:
@@ -50,8 +75,10 @@ class ResidentFeatures:
         nbytes = len(self.rows) * math.prod(cache.feature_shape) * self.dtype.itemsize
         self.resident = self.device.type != "cuda" or nbytes < DEVICE_MEMORY_SHARE * _free_bytes(self.device)
         self.index_device = self.device if self.resident else torch.device("cpu")
-        self.bank = RegionBank(_CacheRows(cache, self.rows), dtype=self.dtype, device=self.index_device,
+        source = _CacheRows(cache, self.rows)
+        self.bank = RegionBank(source, dtype=self.dtype, device=self.index_device,
                                pin_memory=not self.resident)
+        source.refuse_nonfinite()
         if not self.resident:
             shape = (max_batch,) + tuple(self.bank.data.shape[1:])
             self._staging = [torch.empty(shape, dtype=self.dtype).pin_memory() for _ in range(2)]

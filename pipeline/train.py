@@ -16,6 +16,7 @@ reports the best H and the best ZSL accuracy seen (selection on the test set).
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from cache.reader import CacheError, FeatureCache
 from heads.runtime import keep_freed_memory
 from pipeline.checkpoint import cache_identity, save_checkpoint
 from pipeline.config import TrainConfig
-from pipeline.engine import (build_model, deterministic_mode, evaluate_task, fit, resolve_amp,
+from pipeline.engine import (DivergedError, build_model, deterministic_mode, evaluate_task, fit, resolve_amp,
                              resolve_device)
 from pipeline.runlog import RunLog, write_json_atomic
 from pipeline.resident import ResidentFeatures, bank_dtype
@@ -35,8 +36,13 @@ SCORE_KEYS = ("ZSL", "U", "S", "H", "AUSUC", "gamma")
 
 def train(config: TrainConfig, cache_path: str | Path, out_dir: str | Path, *, device: str = "auto",
           deterministic: bool = False, paper_protocol: bool = False, progress: bool = True,
-          overwrite: bool = False) -> dict:
-    """Train, select, evaluate; write the run folder; return the summary dict (see summary.json)."""
+          overwrite: bool = False, log=None) -> dict:
+    """Train, select, evaluate; write the run folder; return the summary dict (see summary.json).
+    `log` (default: stderr) gets one line naming the validation split and where it came from.
+    A run that diverges (DivergedError) or whose cache holds NaN/inf (CacheError) stops with a
+    "failed" record in metrics.jsonl and no summary.json, so that neither `msdn report` nor
+    `msdn ablate` takes it for a result."""
+    log = log or (lambda msg: print(msg, file=sys.stderr))
     device, cache_path, out_dir = resolve_device(device), Path(cache_path), Path(out_dir)
     amp = resolve_amp(config.amp, device)
     keep_freed_memory(True)  # the step's large temporaries reuse mapped memory (heads/runtime.py)
@@ -55,15 +61,20 @@ def train(config: TrainConfig, cache_path: str | Path, out_dir: str | Path, *, d
             "cache": str(cache_path), "cache_identity": identity, "device": str(device), "amp": amp,
             "deterministic": deterministic, "paper_protocol": paper_protocol, "skipped_rows_dropped": skipped,
             "tasks": [t.describe() for t in (val, test) if t is not None]}})
+        log(validation_line(val))
         rows = np.concatenate([test.train_rows, test.eval_seen_rows, test.eval_unseen_rows])
-        store = ResidentFeatures(cache, rows, device, bank_dtype(config.feature_dtype, amp),
-                             max_batch=max(config.batch_size, config.eval_batch_size))
-        common = dict(cache=cache, store=store, labels=labels, amp=amp, run=run, progress=progress)
-        if val is not None:
-            selection = select_on_validation(config, val, **common)
-        else:
-            selection = {"mode": "fixed", "iteration": config.iterations, "gamma": config.gamma}
-        final = train_final(config, test, selection, identity, paper_protocol=paper_protocol, **common)
+        try:
+            store = ResidentFeatures(cache, rows, device, bank_dtype(config.feature_dtype, amp),
+                                     max_batch=max(config.batch_size, config.eval_batch_size))
+            common = dict(cache=cache, store=store, labels=labels, amp=amp, run=run, progress=progress)
+            if val is not None:
+                selection = select_on_validation(config, val, **common)
+            else:
+                selection = {"mode": "fixed", "iteration": config.iterations, "gamma": config.gamma}
+            final = train_final(config, test, selection, identity, paper_protocol=paper_protocol, **common)
+        except (DivergedError, CacheError) as err:
+            run.log({"phase": "failed", "error": str(err)})
+            raise
 
     summary = {
         "recipe": config.recipe, "cache": str(cache_path), "content_key": identity["content_key"],
@@ -76,6 +87,15 @@ def train(config: TrainConfig, cache_path: str | Path, out_dir: str | Path, *, d
     }
     run.write_summary(summary)
     return summary
+
+
+def validation_line(val: Task | None) -> str:
+    """One line: which classes validate, and where that split came from (see pipeline/tasks.py)."""
+    if val is None:
+        return "validation: none (selection = fixed: the recipe's iterations and gamma)"
+    return (f"validation: {len(val.unseen)} validation classes and {len(val.seen)} seen classes "
+            f"({len(val.train_rows)} training, {len(val.eval_seen_rows)} + {len(val.eval_unseen_rows)} "
+            f"evaluation images); {val.note}")
 
 
 def select_on_validation(config: TrainConfig, val: Task, *, cache, store, labels, amp, run, progress) -> dict:
