@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import contextlib
+import gc
+import math
 import os
+import re
+import sys
 
 # OpenMP threads that wait by spinning burn the cores a neighbour needs, and a spinner descheduled
 # by a neighbour stalls its own team. Measured by bench/omp_policy.py on a shared 2-core machine
@@ -13,8 +17,102 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import click  # noqa: E402
 
+# What a rerun does after a filesystem fault (disk full, read-only or missing folder), per command.
+_AFTER_FAULT = {
+    "extract": "rerun with --resume once fixed: it keeps every row already written and extracts only the rest",
+    "train": "no result was recorded (no summary.json); rerun once fixed (--overwrite reuses the run folder)",
+    "evaluate": "no result was recorded; rerun once fixed",
+    "baseline": "no result was recorded (no summary.json); rerun once fixed (--overwrite reuses the run folder)",
+    "demo": "rerun `msdn demo` once fixed: it reuses the rendered images and continues the feature cache",
+    "ablate": "finished cells are kept; rerun the same command once fixed to go on",
+}
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+def filesystem_fault(err: BaseException) -> tuple[str, bool] | None:
+    """("<file>: <reason>", whether HDF5 failed writing) for an OSError or an h5py I/O failure,
+    also when that failure is the context of the error that surfaced (h5py's close failing after
+    a failed write); None for anything else."""
+    seen, chain = err, []
+    while seen is not None and seen not in chain:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    for e in chain:
+        text = " ".join(str(e).split())  # h5py's messages hold a newline
+        code = re.search(r"errno = (\d+)", text)
+        if code:  # h5py: "... (file write failed: ..., filename = 'x.h5', ..., errno = 28, ...)"
+            name = re.search(r"name = '([^']*)'", text)
+            return (f"{name.group(1) if name else text}: {os.strerror(int(code.group(1)))}",
+                    any("write failed" in str(x) for x in chain))
+        if isinstance(e, OSError):
+            return (f"{e.filename}: {os.strerror(e.errno)}" if e.errno and e.filename else text), False
+    return None
+
+
+class _Main(click.Group):
+    """The one place where filesystem faults become one line: an OSError or an h5py write error
+    escaping any command is reported with the file it concerns and what a rerun will do."""
+
+    def invoke(self, ctx: click.Context):
+        held, hooks, fault = [], (sys.unraisablehook, sys.excepthook), None
+        # h5py reports a failed write again while it frees that file's objects, partly through
+        # sys.excepthook ("Traceback ... _dealloc"), partly as "Exception ignored in ...": those
+        # repeats are held back, and dropped when the fault itself is reported.
+        sys.unraisablehook, sys.excepthook = held.append, lambda *exc: held.append(exc)
+        try:
+            try:
+                return super().invoke(ctx)
+            except (OSError, RuntimeError) as err:
+                fault = filesystem_fault(err)
+                if fault is None:
+                    raise
+            gc.collect()  # the failed file's objects are freed here, their repeats held back
+            for name in ("last_type", "last_value", "last_traceback"):
+                sys.__dict__.pop(name, None)
+            message = f"{fault[0]}; {_AFTER_FAULT.get(ctx.invoked_subcommand, 'rerun once fixed')}"
+            if fault[1]:
+                # HDF5 cannot shut down after a file whose writes failed (its H5close crashes the
+                # process at exit): say it, then leave without the library's teardown.
+                click.echo(f"Error: {message}", err=True)
+                sys.stdout.flush(), sys.stderr.flush()
+                os._exit(1)
+            raise click.ClickException(message)
+        finally:
+            sys.unraisablehook, sys.excepthook = hooks
+            if fault is None:
+                for item in held:
+                    hooks[0](item) if not isinstance(item, tuple) else hooks[1](*item)
+
+
+def _device(ctx, param, value: str) -> str:
+    """--device: auto, cpu, cuda, cuda:N (or mps), refused at once when this machine lacks it."""
+    if value == "auto":
+        return value
+    from pipeline.config import ConfigError, check_device
+    try:
+        return check_device(value)
+    except ConfigError as err:
+        raise click.BadParameter(str(err), ctx=ctx, param=param) from None
+
+
+class _FiniteFloat(click.ParamType):
+    """A float that is neither NaN nor infinite."""
+    name = "float"
+
+    def convert(self, value, param, ctx):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+FINITE = _FiniteFloat()
+DEVICE_HELP = "auto = cuda if available, else cpu; or cpu, cuda, cuda:N."
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """MSDN++ zero-shot learning: extract backbone features once, then train and evaluate in minutes."""
 
@@ -30,15 +128,18 @@ def main() -> None:
 @click.option("--w2v-root", default=None, help="Folder with <DS>_attribute.pkl [default: <data-root>/attribute_w2v].")
 @click.option("--backbone", default="resnet101", show_default=True,
               type=click.Choice(["resnet101", "efficientnet_lite0"]))
-@click.option("--image-size", default=448, show_default=True, type=int, help="Input side in pixels.")
+@click.option("--image-size", default=448, show_default=True, type=click.IntRange(min=32),
+              help="Input side in pixels.")
 @click.option("--weights", default="imagenet", show_default=True,
               help="imagenet, a local weights file, or random (tests only).")
-@click.option("--batch-size", default=None, type=int, help="[default: chosen per device and backbone]")
-@click.option("--device", default="auto", show_default=True, help="auto = cuda if available, else cpu.")
+@click.option("--batch-size", default=None, type=click.IntRange(min=1),
+              help="[default: chosen per device and backbone]")
+@click.option("--device", default="auto", show_default=True, callback=_device, help=DEVICE_HELP)
 @click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]),
               help="Stored feature dtype (float32 for MSDN/TransZero's own loaders).")
 @click.option("--compression", default="lzf", show_default=True, type=click.Choice(["lzf", "gzip", "none"]))
-@click.option("--workers", default=None, type=int, help="Image-decoding processes [default: per device].")
+@click.option("--workers", default=None, type=click.IntRange(min=0),
+              help="Image-decoding processes, 0 = decode in this process [default: per device].")
 @click.option("--resume", is_flag=True, help="Continue an interrupted extraction (or retry skipped rows).")
 @click.option("--skip-bad", is_flag=True, help="Record unreadable images as skipped instead of stopping.")
 @click.option("--overwrite", is_flag=True, help="Replace an --out made from other inputs, or restart a partial one.")
@@ -82,8 +183,9 @@ def _stage2_errors():
     from cache.reader import CacheError
     from pipeline.checkpoint import CheckpointError
     from pipeline.config import ConfigError
+    from pipeline.engine import DivergedError
     from pipeline.runlog import RunFolderError
-    return (CacheError, CheckpointError, ConfigError, RunFolderError)
+    return (CacheError, CheckpointError, ConfigError, DivergedError, RunFolderError)
 
 
 _MAX_MEMORY_OPTION = click.option(
@@ -99,7 +201,7 @@ _MAX_MEMORY_OPTION = click.option(
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run folder to create.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a recipe field, e.g. --set lambda_causal=0.3 (repeatable).")
-@click.option("--device", default="auto", show_default=True, help="auto = cuda if available, else cpu.")
+@click.option("--device", default="auto", show_default=True, callback=_device, help=DEVICE_HELP)
 @click.option("--deterministic", is_flag=True, help="Deterministic algorithms (seeds are always fixed).")
 @click.option("--paper-protocol", is_flag=True,
               help="Also report the released code's best-on-TEST numbers, labelled as such.")
@@ -133,8 +235,8 @@ def train(recipe, cache_path, cache_dir, out_dir, overrides, device, determinist
               help="The feature cache the checkpoint was trained on (a .h5 file or a store key).")
 @click.option("--cache-dir", default=None, help="Store to look keys up in [default: $MSDN_CACHE_DIR].")
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False), help="Optional run folder.")
-@click.option("--gamma", type=float, default=None, help="Calibrated-stacking gamma (default: the checkpoint's).")
-@click.option("--device", default="auto", show_default=True, help="auto = cuda if available, else cpu.")
+@click.option("--gamma", type=FINITE, default=None, help="Calibrated-stacking gamma (default: the checkpoint's).")
+@click.option("--device", default="auto", show_default=True, callback=_device, help=DEVICE_HELP)
 @click.option("--overwrite", is_flag=True, help="Reuse an --out folder that already holds a run.")
 @_MAX_MEMORY_OPTION
 def evaluate(checkpoint, cache_path, cache_dir, out_dir, gamma, device, overwrite, max_memory):
@@ -179,7 +281,7 @@ def baseline(cache_path, cache_dir, out_dir, method, overwrite):
               help="Folder for the rendered images, the feature cache and the run.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a field of the demo recipe, e.g. --set lambda_causal=0.3 (repeatable).")
-@click.option("--device", default="auto", show_default=True, help="auto = cuda if available, else cpu.")
+@click.option("--device", default="auto", show_default=True, callback=_device, help=DEVICE_HELP)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--images-per-class", type=click.IntRange(min=2), default=None,
               help="Render this many images per class [default: 32]; fewer for a quick check (new --out).")
@@ -328,12 +430,15 @@ def cache_export(target, file, cache_dir, dtype, compression):
 
 
 # ----------------------------------------------------------------------------- ablations, reports, pictures
-def _csv(text: str | None, cast=str, option: str = "") -> list | None:
+def _csv(text: str | None, cast=str, option: str = "", minimum=None) -> list | None:
     try:
-        return None if text is None else [cast(v.strip()) for v in text.split(",") if v.strip()]
+        values = None if text is None else [cast(v.strip()) for v in text.split(",") if v.strip()]
     except ValueError:
         raise click.BadParameter(f"expected comma-separated {cast.__name__} values, got {text!r}",
                                  param_hint=option) from None
+    if minimum is not None and values and min(values) < minimum:
+        raise click.BadParameter(f"values must be >= {minimum}, got {min(values)}", param_hint=option)
+    return values
 
 
 @main.command()
@@ -351,9 +456,9 @@ def _csv(text: str | None, cast=str, option: str = "") -> list | None:
               help="Config values to cross, e.g. --grid lambda_cal=0.05,0.1 --grid fusion=[1,0],[0.5,0.5] (repeatable).")
 @click.option("--seeds", default=None, help="Comma-separated seeds [default: the preset's, else 0,1].")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override for every cell (repeatable).")
-@click.option("--workers", type=int, default=None,
+@click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Parallel cells [default: one per GPU; on CPU min(cores, 4), cores shared evenly].")
-@click.option("--device", default="auto", show_default=True, help="auto = cuda if available, else cpu.")
+@click.option("--device", default="auto", show_default=True, callback=_device, help=DEVICE_HELP)
 @click.option("--overwrite", is_flag=True, help="Redo cells whose folder holds a run of another config or cache.")
 @click.option("--weights-from", default=None, type=click.Path(exists=True, dir_okay=False),
               help="--preset causal: train each variant at the weight that this earlier screen's paired.csv "
@@ -367,8 +472,9 @@ def ablate(preset, recipe, cache_path, out_dir, ablations, grid, seeds, override
 
     try:
         options = AblateOptions(out=out_dir, recipe=recipe, cache=cache_path, preset=preset, ablations=_csv(ablations),
-                                grid=list(grid), seeds=_csv(seeds, int, "--seeds"), overrides=list(overrides),
-                                workers=workers, device=device, overwrite=overwrite, weights_from=weights_from)
+                                grid=list(grid), seeds=_csv(seeds, int, "--seeds", minimum=0),
+                                overrides=list(overrides), workers=workers, device=device, overwrite=overwrite,
+                                weights_from=weights_from)
         result = run_ablate(options, log=lambda msg: click.echo(msg, err=True))
     except (AblationError, ValueError) + EXTRACT_ERRORS + _stage2_errors() as err:
         raise click.ClickException(str(err)) from None
@@ -407,13 +513,16 @@ def report(paths, out_dir, no_published):
 @click.option("--cache", "cache_path", default=None, type=click.Path(exists=True, dir_okay=False),
               help="[default: the cache recorded in <run>/config.json]")
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False), help="[default: <run>/pictures]")
-@click.option("--images", default=4, show_default=True, help="Attention pictures: one test image of each of N classes.")
+@click.option("--images", default=4, show_default=True, type=click.IntRange(min=0),
+              help="Attention pictures: one test image of each of N classes.")
 @click.option("--rows", default=None, help="Comma-separated cache rows to draw instead of --images.")
-@click.option("--top-k", default=3, show_default=True, help="Attributes per attention picture.")
-@click.option("--tsne-images", default=1000, show_default=True, help="Test images in the t-SNE (random subset).")
+@click.option("--top-k", default=3, show_default=True, type=click.IntRange(min=1),
+              help="Attributes per attention picture.")
+@click.option("--tsne-images", default=1000, show_default=True, type=click.IntRange(min=3),
+              help="Test images in the t-SNE (random subset).")
 @click.option("--image-root", default=None, type=click.Path(exists=True, file_okay=False),
               help="Image folder, if the images moved since extraction.")
-@click.option("--device", default="auto", show_default=True, help="auto = cuda if available, else cpu.")
+@click.option("--device", default="auto", show_default=True, callback=_device, help=DEVICE_HELP)
 def visualize(run_dir, checkpoint, cache_path, out_dir, images, rows, top_k, tsne_images, image_root, device):
     """PNG pictures: attention of top attributes over images, seen-unseen curve, t-SNE of features."""
     from pipeline.visualize import VisualizeError, resolve_inputs
@@ -421,8 +530,8 @@ def visualize(run_dir, checkpoint, cache_path, out_dir, images, rows, top_k, tsn
 
     try:
         checkpoint, cache_path, out_dir = resolve_inputs(run_dir, checkpoint, cache_path, out_dir)
-        draw(checkpoint, cache_path, out_dir, rows=_csv(rows, int, "--rows"), images=images, top_k=top_k,
-             tsne_images=tsne_images, image_root=image_root, device=device, log=click.echo)
+        draw(checkpoint, cache_path, out_dir, rows=_csv(rows, int, "--rows", minimum=0), images=images,
+             top_k=top_k, tsne_images=tsne_images, image_root=image_root, device=device, log=click.echo)
     except (VisualizeError,) + _stage2_errors() as err:
         raise click.ClickException(str(err)) from None
 

@@ -41,7 +41,10 @@ _TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ExtractError(f"{str(device)!r} is not a device: expected auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ExtractError(f"device {device} requested but CUDA is not available (use --device auto or cpu)")
     return device
@@ -61,7 +64,7 @@ def extract_features(dataset: ImageDataset, spec: BackboneSpec, out_path: str | 
         raise ExtractError(f"dtype must be one of {sorted(DTYPES)} and compression one of {COMPRESSIONS}, "
                            f"got {dtype!r} and {compression!r}")
     device = resolve_device(device)
-    batch_size = batch_size or default_batch_size(spec.name, spec.image_size, device)
+    batch_size = default_batch_size(spec.name, spec.image_size, device) if batch_size is None else batch_size
     num_workers = default_num_workers(device) if num_workers is None else num_workers
     if batch_size < 1 or num_workers < 0:
         raise ExtractError(f"batch size must be >= 1 and workers >= 0, got {batch_size} and {num_workers}")
@@ -76,8 +79,12 @@ def extract_features(dataset: ImageDataset, spec: BackboneSpec, out_path: str | 
     if check_existing(out, partial, manifest, image_bytes, resume=resume, overwrite=overwrite, log=log):
         return out
     if not partial.exists():
-        create_cache_file(partial, dataset=dataset, feature_shape=feature_shape(spec), dtype=dtype,
-                          compression=compression, manifest=manifest, image_bytes=image_bytes)
+        try:
+            create_cache_file(partial, dataset=dataset, feature_shape=feature_shape(spec), dtype=dtype,
+                              compression=compression, manifest=manifest, image_bytes=image_bytes)
+        except BaseException:  # a full disk or Ctrl-C while creating: leave no half-made file behind
+            partial.with_name(partial.name + ".creating").unlink(missing_ok=True)
+            raise
 
     with CacheWriter(partial, codec_threads=_codec_threads(device)) as writer:
         todo = writer.todo_rows()
@@ -117,10 +124,10 @@ def _run(dataset, spec, writer: CacheWriter, todo: np.ndarray, *, batch_size, de
     pending = None  # the previous batch: written while the device computes the next one
     try:
         for rows, batch, errors in loader:
-            maps, ready = _forward(model, batch, device, amp, dtype)
+            maps, finite, ready = _forward(model, batch, device, amp, dtype)
             if pending is not None:
                 _store(writer, *pending, images, skip_bad, bar)
-            pending = (rows.numpy(), maps, ready, list(errors))
+            pending = (rows.numpy(), maps, finite, ready, list(errors))
         if pending is not None:
             _store(writer, *pending, images, skip_bad, bar)
     finally:
@@ -129,30 +136,39 @@ def _run(dataset, spec, writer: CacheWriter, todo: np.ndarray, *, batch_size, de
 
 def _forward(model, batch: torch.Tensor, device, amp, dtype):
     """Run the backbone; on CUDA only enqueue it, with a copy of the maps into pinned host memory,
-    and return the event that says when that copy has landed."""
+    and return the event that says when that copy has landed. Also returns, per image, whether its
+    maps are finite as stored: the cast to float16 turns values above 65504 into inf (a float32
+    sum per image is non-finite exactly when some value is; copied back with the maps, no wait)."""
     autocast = torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext()
     with torch.inference_mode(), autocast:
         x = batch.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         maps = model(x).to(dtype).contiguous()  # NCHW rows, as stored
+        finite = torch.isfinite(maps.flatten(1).sum(1, dtype=torch.float32))
         if device.type != "cuda":
-            return maps, None
+            return maps, finite, None
         host = torch.empty(maps.shape, dtype=maps.dtype, pin_memory=True)
         host.copy_(maps, non_blocking=True)
+        host_finite = torch.empty(finite.shape, dtype=finite.dtype, pin_memory=True)
+        host_finite.copy_(finite, non_blocking=True)
     ready = torch.cuda.Event()
     ready.record()
-    return host, ready
+    return host, host_finite, ready
 
 
-def _store(writer: CacheWriter, rows: np.ndarray, maps: torch.Tensor, ready, errors: list[str],
-           images: ImageRows, skip_bad: bool, bar) -> None:
+def _store(writer: CacheWriter, rows: np.ndarray, maps: torch.Tensor, finite: torch.Tensor, ready,
+           errors: list[str], images: ImageRows, skip_bad: bool, bar) -> None:
     if ready is not None:
         ready.synchronize()  # this batch's copy has landed; the next batch may still be computing
-    good = np.array([not e for e in errors], dtype=bool)
+    read = np.array([not e for e in errors], dtype=bool)
+    good = read & finite.numpy()
     if good.any():
         writer.write(rows[good], maps.numpy()[good])
     bar.update(int(good.sum()))
     if good.all():
         return
+    if not (read <= good).all():  # an image was read but its features cannot be stored as they are
+        first = int(np.flatnonzero(read & ~good)[0])
+        raise ExtractError(_nonfinite_message(images.path(int(rows[first])), maps[first], writer.path))
     bad_rows = rows[~good]
     first = int(np.flatnonzero(~good)[0])
     if not skip_bad:
@@ -163,6 +179,14 @@ def _store(writer: CacheWriter, rows: np.ndarray, maps: torch.Tensor, ready, err
     for k in np.flatnonzero(~good):
         bar.write(f"skipped {images.path(int(rows[k]))}: {errors[k]}")
     bar.update(len(bad_rows))
+
+
+def _nonfinite_message(image, maps: torch.Tensor, partial: Path) -> str:
+    if maps.dtype == torch.float16 and not bool(torch.isnan(maps).any()):
+        return (f"{image}: its features exceed float16's range (a value above 65504 would be stored as inf); "
+                "extract with --dtype float32 instead (a new file: another --out, or --overwrite)")
+    return (f"{image}: the backbone gave NaN or inf features for this image (damaged weights?); nothing of it "
+            f"was stored (rows done so far are kept in {partial}: rerun with --resume once fixed)")
 
 
 @contextlib.contextmanager

@@ -1,6 +1,7 @@
 """Hyper-parameters of the MSDN++ heads (SPEC.md §4-5) as one plain dataclass."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 
 SUBNETS = ("both", "ava", "vaa")
@@ -61,8 +62,12 @@ class HeadConfig:
             (self.w2v_dim > 0, f"w2v_dim must be positive, got {self.w2v_dim}"),
             (self.remove_k > 0, f"remove_k must be positive, got {self.remove_k}"),
             (min(self.causal_warmup, self.causal_ramp) >= 0, "causal_warmup and causal_ramp must be >= 0"),
-            (min(self.lambda_cal, self.lambda_distill, self.lambda_causal, self.lambda_causal_attribute) >= 0,
-             "lambda_cal, lambda_distill, lambda_causal and lambda_causal_attribute must be >= 0"),
+            (all(math.isfinite(v) and v >= 0 for v in (self.lambda_cal, self.lambda_distill, self.lambda_causal,
+                                                       self.lambda_causal_attribute)),
+             "lambda_cal, lambda_distill, lambda_causal and lambda_causal_attribute must be finite numbers >= 0, got "
+             f"{self.lambda_cal!r}, {self.lambda_distill!r}, {self.lambda_causal!r}, {self.lambda_causal_attribute!r}"),
+            (math.isfinite(self.bias), f"bias must be a finite number, got {self.bias!r}"),
+            (all(math.isfinite(w) for w in self.fusion), f"fusion weights must be finite numbers, got {self.fusion!r}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -178,6 +178,8 @@ def worker_slots(device: str = "auto", workers: int | None = None) -> list[dict]
 
     from pipeline.engine import resolve_device
 
+    if workers is not None and workers < 1:
+        raise AblationError(f"--workers must be at least 1, got {workers}")
     dev = resolve_device(device)
     if dev.type == "cuda":
         gpus = [str(dev.index)] if dev.index is not None else [str(i) for i in range(torch.cuda.device_count())]

@@ -142,12 +142,13 @@ def _preset(name: str | None) -> Preset | None:
 
 
 def _extract_preset(preset: Preset, out: Path, device: str, log) -> Path:
-    """The preset's cache in `out` (an up-to-date one is reused by the extraction engine)."""
+    """The preset's cache in `out` (an up-to-date one is reused by the extraction engine, an
+    interrupted one continued: there is no --resume to pass to `msdn ablate`)."""
     from pipeline.extract_job import ExtractOptions, run_extract
 
     target = out / f"{preset.dataset}_{PRESET_BACKBONE}_{preset.image_size}.h5"
     return run_extract(ExtractOptions(dataset=preset.dataset, out=str(target), backbone=PRESET_BACKBONE,
-                                      image_size=preset.image_size, device=device, progress=False,
+                                      image_size=preset.image_size, device=device, progress=False, resume=True,
                                       data_root=str(out / "data") if preset.demo_data else None), log=log)
 
 

@@ -76,13 +76,26 @@ def verify(target: str, cache_dir: str | None = None) -> VerifyReport:
 
 
 def push(key: str, dest: str, cache_dir: str | None = None, log=print) -> str:
-    record = copy_entry(key, open_local_store(cache_dir), open_store(dest), log=log)
+    record = copy_entry(key, open_local_store(cache_dir), _other_store(dest), log=log)
     return record["key"]
 
 
 def pull(key: str, source: str, cache_dir: str | None = None, log=print) -> str:
-    record = copy_entry(key, open_store(source), open_local_store(cache_dir), log=log)
+    record = copy_entry(key, _other_store(source), open_local_store(cache_dir), log=log)
     return record["key"]
+
+
+def _other_store(where: str):
+    """The store on the other side of a copy; a URL fsspec cannot open is a StoreError."""
+    try:
+        return open_store(where)
+    except CacheError:
+        raise
+    except ImportError as err:  # fsspec knows the protocol, but its package is missing (s3fs, gcsfs ...)
+        raise StoreError(f"{where}: {err}; or mount the location and give its path") from None
+    except ValueError as err:  # fsspec: "Protocol not known: foo"
+        raise StoreError(f"{where}: {err}; give a directory or a URL fsspec supports (s3://, gs://, "
+                         "sftp://, memory:// ...)") from None
 
 
 def export(target: str, dest: str, *, dtype: str | None = None, compression: str | None = None,

@@ -7,6 +7,7 @@ HeadConfig keys. Overrides may name a head key directly (`lambda_causal=0.3`) or
 from __future__ import annotations
 
 import difflib
+import math
 import tomllib
 import typing
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -65,7 +66,11 @@ class TrainConfig:
             (min(self.batch_size, self.iterations, self.eval_every, self.log_every, self.eval_batch_size) > 0,
              "batch_size, iterations, eval_every, log_every and eval_batch_size must be positive"),
             (0.0 < self.val_seen_fraction < 1.0, f"val_seen_fraction must lie in (0, 1), got {self.val_seen_fraction}"),
-            (self.lr > 0 and self.eps > 0, "lr and eps must be positive"),
+            (self.seed >= 0, f"seed must be >= 0, got {self.seed}"),
+            # RMSprop: alpha >= 1 never forgets the first squared gradients (or, above 1, makes their
+            # average negative: NaN steps); momentum >= 1 makes the steps grow without bound
+            *finite_checks(self, {"lr": "> 0", "eps": "> 0", "weight_decay": ">= 0", "momentum": "[0, 1)",
+                                  "alpha": "[0, 1)", "gamma": "any"}),
         ]
         for ok, message in checks:
             if not ok:
@@ -79,6 +84,20 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict, where: str = "config") -> "TrainConfig":
         return apply_overrides(cls(), _flatten(d, where), where=where)
+
+
+_RANGES = {"any": (lambda v: True, ""), "> 0": (lambda v: v > 0, " > 0"), ">= 0": (lambda v: v >= 0, " >= 0"),
+           "[0, 1)": (lambda v: 0 <= v < 1, " in [0, 1)")}
+
+
+def finite_checks(obj, ranges: dict) -> list[tuple[bool, str]]:
+    """(ok, message) per float field of `obj`: finite (no NaN, no inf) and inside its range.
+    `ranges` maps a field name to "any", "> 0", ">= 0" or "[0, 1)"."""
+    checks = []
+    for name, rule in ranges.items():
+        value, (test, text) = getattr(obj, name), _RANGES[rule]
+        checks.append((math.isfinite(value) and test(value), f"{name} must be a finite number{text}, got {value!r}"))
+    return checks
 
 
 TRAIN_KEYS = {f.name for f in fields(TrainConfig)} - {"head"}
@@ -183,6 +202,31 @@ def _coerce(value, annotation, where: str):
         except (TypeError, ValueError):
             fail(f"{len(args)} numbers")
     raise ConfigError(f"{where}: unsupported field type {annotation}")
+
+
+def check_device(device) -> str:
+    """`device` if this machine has it: auto, cpu, cuda, cuda:N or mps; else a ConfigError."""
+    text = str(device)
+    if text == "auto":
+        return text
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"{text!r} is not a device: expected auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{text!r}: CUDA is not available on this machine (use auto or cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                              f"numbered from 0")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError(f"{text!r}: MPS is not available on this machine (use auto or cpu)")
+    elif dev.type != "cpu":
+        raise ConfigError(f"{text!r}: device type {dev.type!r} is not supported: expected auto, cpu, cuda or cuda:N")
+    return text
 
 
 def _suggest(key: str) -> str:

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from pipeline.config import apply_overrides, load_recipe
+from pipeline.engine import resolve_device
 from pipeline.evaluate import evaluate
 from pipeline.extract_job import ExtractOptions, run_extract
 from pipeline.train import train
@@ -25,17 +26,20 @@ def run_demo(out_dir: str | Path, *, device: str = "auto", overrides: tuple[str,
     `images_per_class` renders a smaller (or larger) set than the default 32 (a quick check)."""
     out_dir = Path(out_dir)
     seconds = {}
+    config = apply_overrides(load_recipe("demo"), list(overrides))  # a bad --set fails before any work
+    resolve_device(device)
 
     start = time.perf_counter()
+    # resume: a rerun after an interruption (Ctrl-C, a full disk) continues the demo's own partial cache
     cache = run_extract(ExtractOptions(
         dataset="demo", data_root=str(out_dir / "data"), backbone=DEMO_BACKBONE, image_size=DEMO_IMAGE_SIZE,
         out=str(out_dir / f"demo_{DEMO_BACKBONE}_{DEMO_IMAGE_SIZE}.h5"), device=device, progress=progress,
-        dataset_options={} if images_per_class is None else {"images_per_class": images_per_class}), log=log)
+        dataset_options={} if images_per_class is None else {"images_per_class": images_per_class},
+        resume=True), log=log)
     seconds["render+extract"] = time.perf_counter() - start
     log(f"feature cache: {cache}")
 
     start = time.perf_counter()
-    config = apply_overrides(load_recipe("demo"), list(overrides))
     run_dir = out_dir / "run"
     summary = train(config, cache, run_dir, device=device, progress=progress, overwrite=True)
     seconds["train"] = time.perf_counter() - start

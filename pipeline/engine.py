@@ -3,6 +3,14 @@
 The loop never waits for the device inside a step: batches are sampled where the features live
 (a ResidentFeatures's RegionBank: one row gather per batch), losses accumulate on the device, and the
 host reads them back only every `log_every` steps.
+
+A non-finite loss stops training (DivergedError) without a host synchronisation per step on a GPU:
+each step's loss terms go into a small device buffer (log_every rows, in place of a running sum),
+and at each logging point, which precedes every evaluation, the one read-back that already
+happened there also says which rows are finite; the first that is not names the step. On the CPU,
+where reading a value back costs nothing, every step is checked and training stops at once.
+Non-finite class scores at an evaluation stop it too. The cached features themselves are checked
+once, when they are loaded (pipeline/resident.py), so a divergence here points at the optimiser.
 """
 from __future__ import annotations
 
@@ -17,6 +25,7 @@ from tqdm import tqdm
 
 from heads.msdn import MSDN
 from heads.regions import Regions
+from pipeline.config import check_device
 from pipeline.precision import choose_amp
 from pipeline.metrics import gzsl_accuracy, gzsl_report, harmonic_mean
 from pipeline.samplers import build_sampler
@@ -30,11 +39,21 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # keep the GEMMs just as efficient.
 EVAL_HOST_BYTES = 256 << 20
 
+# Device types whose every step is checked for a non-finite loss: a read-back is free on the CPU;
+# on a GPU it would stall the queue, so there the check waits for the next logging point.
+CHECK_EACH_STEP_ON = ("cpu",)
+
+
+class DivergedError(RuntimeError):
+    """Training met a non-finite loss or score; the message names the step, the loss terms and
+    the likely cause. Nothing is recorded as a result (no summary.json)."""
+
 
 def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
+    """auto = cuda if available, else cpu; an unknown or absent device is a ConfigError."""
+    if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    return torch.device(check_device(device))
 
 
 def resolve_amp(amp: str, device: torch.device) -> str:
@@ -108,7 +127,8 @@ def fit(model: MSDN, store: ResidentFeatures, train_rows: np.ndarray, train_labe
     sampler = build_sampler(config.sampler, labels_idx, config.batch_size, config.seed)
     optimizer = build_optimizer(model, config)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
-    running, n_running, last = None, 0, {}
+    check_each_step = device.type in CHECK_EACH_STEP_ON
+    history, n_running, last = None, 0, {}
     samples, total_samples, eval_seconds, clock = 0, 0, 0.0, time.perf_counter()
     start, start_cpu, eval_cpu = clock, time.process_time(), 0.0  # CPU: all threads, a streaming reader's too
     bar = tqdm(total=steps, desc=desc, disable=not progress, dynamic_ncols=True, leave=False)
@@ -121,23 +141,37 @@ def fit(model: MSDN, store: ResidentFeatures, train_rows: np.ndarray, train_labe
             causal_scale = config.head.causal_scale(step)
             losses = train_step(model, optimizer, scaler, features, labels, amp=amp, causal_scale=causal_scale)
             terms = torch.stack([v.detach().float() for v in losses.values()])
-            if running is not None and len(losses) != len(running):  # the causal terms start after a warm-up
-                running, n_running = None, 0
-            running = terms if running is None else running + terms
+            if history is None or history.shape[1] != len(terms):  # first step; causal terms after a warm-up
+                history, n_running = terms.new_empty((config.log_every, len(terms))), 0
+            history[n_running] = terms
             n_running += 1
             samples += len(picked)
             total_samples += len(picked)
+            if check_each_step and not bool(torch.isfinite(terms).all()):
+                raise _diverged(desc, step, steps, losses.keys(), terms.tolist(), config, amp)
             if step % config.log_every == 0 or step == steps or (eval_every and step % eval_every == 0):
-                values = (running / n_running).tolist()  # the loop's only host synchronisation
+                window = history[:n_running]
+                # the loop's only host synchronisation: the interval's mean loss terms, and which
+                # steps were finite
+                read = torch.cat([window.mean(0), torch.isfinite(window).all(1).float()]).tolist()
+                values, finite = read[:len(terms)], read[len(terms):]
+                if not all(finite):
+                    first = finite.index(0.0)
+                    raise _diverged(desc, step - n_running + 1 + first, steps, losses.keys(), window[first].tolist(),
+                                    config, amp)
                 now = time.perf_counter()
                 last = {k: float(v) for k, v in zip(losses.keys(), values)}
                 last["samples_per_s"] = samples / max(now - clock, 1e-9)
                 bar.set_postfix(loss=f"{last['loss']:.3f}", samples_s=f"{last['samples_per_s']:.0f}")
-                running, n_running, samples, clock = None, 0, 0, now
+                n_running, samples, clock = 0, 0, now
             bar.update(1)
             if on_eval is not None and eval_every and (step % eval_every == 0 or step == steps):
                 eval_start, eval_start_cpu = time.perf_counter(), time.process_time()
-                on_eval(step, dict(last))
+                try:
+                    on_eval(step, dict(last))
+                except DivergedError as err:  # non-finite scores (evaluate_task)
+                    raise DivergedError(f"{desc}: step {step} of {steps}: {err}; likely cause: "
+                                        f"{likely_cause(config, amp)}") from None
                 clock = time.perf_counter()  # evaluation time does not count as training time
                 eval_seconds += clock - eval_start
                 eval_cpu += time.process_time() - eval_start_cpu
@@ -158,6 +192,21 @@ def evaluation_batch_size(store, num_attributes: int, batch_size: int) -> int:
     return max(1, min(batch_size, EVAL_HOST_BYTES // per_image))
 
 
+def _diverged(desc: str, step: int, steps: int, names, values, config, amp: str) -> DivergedError:
+    terms = ", ".join(f"{name}={value:.4g}" for name, value in zip(names, values))
+    return DivergedError(f"{desc}: non-finite loss at step {step} of {steps} ({terms}); likely cause: "
+                         f"{likely_cause(config, amp)}")
+
+
+def likely_cause(config, amp: str) -> str:
+    """What to change when training diverges on features already checked to be finite."""
+    cause = (f"the learning rate lr={config.lr:g} is too large for these features (RMSprop with alpha="
+             f"{config.alpha:g}, momentum={config.momentum:g}): lower it (--set lr=<smaller>)")
+    if amp == "fp16":
+        cause += "; or float16 autocast overflowed (--set amp=bf16 or amp=none)"
+    return cause + "; nothing was recorded as a result (no summary.json)"
+
+
 @torch.inference_mode()
 def predict_scores(model: MSDN, store: ResidentFeatures, rows: np.ndarray, *, batch_size: int, amp: str) -> torch.Tensor:
     """Fused, biased class scores (N, K) in float32 for the cache rows, in large no-grad batches
@@ -176,6 +225,11 @@ def evaluate_task(model: MSDN, store: ResidentFeatures, task: Task, labels: np.n
     """ZSL, U/S/H at `gamma`, AUSUC, and the best-H point of the exact seen-unseen curve."""
     scores_seen = predict_scores(model, store, task.eval_seen_rows, batch_size=batch_size, amp=amp)
     scores_unseen = predict_scores(model, store, task.eval_unseen_rows, batch_size=batch_size, amp=amp)
+    for kind, scores in (("seen", scores_seen), ("unseen", scores_unseen)):
+        bad = int((~torch.isfinite(scores).all(1)).sum())
+        if bad:
+            raise DivergedError(f"non-finite class scores for {bad} of {len(scores)} {kind}-class images "
+                                f"of the {task.name} split")
     y_seen = task.local_labels(labels[task.eval_seen_rows])
     y_unseen = task.local_labels(labels[task.eval_unseen_rows])
     report = gzsl_report(scores_seen, y_seen, scores_unseen, y_unseen, task.seen, task.unseen, gamma,

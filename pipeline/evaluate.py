@@ -11,7 +11,7 @@ from heads.config import HeadConfig
 from heads.runtime import keep_freed_memory
 from pipeline.checkpoint import cache_identity, check_compatible, load_checkpoint
 from pipeline.config import TrainConfig
-from pipeline.engine import build_model, evaluate_task, resolve_amp, resolve_device
+from pipeline.engine import DivergedError, build_model, evaluate_task, resolve_amp, resolve_device
 from pipeline.runlog import RunLog, write_json_atomic
 from pipeline.memory import describe_plan, open_features
 from pipeline.resident import bank_dtype
@@ -45,8 +45,12 @@ def evaluate(checkpoint: str | Path, cache_path: str | Path, *, out_dir: str | P
         (log or (lambda message: None))(describe_plan(plan))
         model = build_model(HeadConfig.from_dict(ckpt["config"]["head"]), cache, task, device, config.seed)
         model.load_state_dict(ckpt["model"])
-        report = evaluate_task(model, store, task, labels, gamma=gamma, batch_size=batch_size, amp=amp,
-                               with_curve=True)
+        try:
+            report = evaluate_task(model, store, task, labels, gamma=gamma, batch_size=batch_size, amp=amp,
+                                   with_curve=True)
+        except DivergedError as err:
+            raise DivergedError(f"{checkpoint}: {err}: its weights hold NaN or inf (a diverged or damaged "
+                                "checkpoint)") from None
     curve = report.pop("curve")
     summary = {"checkpoint": str(checkpoint), "cache": str(cache_path), "content_key": identity["content_key"],
                "iteration": ckpt["iteration"], "device": str(device), "amp": amp,

@@ -16,6 +16,7 @@ import math
 import numpy as np
 import torch
 
+from cache.reader import CacheError
 from heads.regions import RegionBank, Regions
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -31,11 +32,15 @@ def bank_dtype(feature_dtype: str, amp: str) -> str:
 class _CacheRows:
     """The cache rows `rows` as a sliceable source for RegionBank: each slice is read, in the
     stored dtype (a float32 copy would double it for nothing), into one reused buffer, so a
-    returned chunk is valid until the next one is read (RegionBank converts each at once)."""
+    returned chunk is valid until the next one is read (RegionBank converts each at once).
+    Rows that hold NaN or inf are noted on the way: a float16 cache stores inf for raw values above
+    65504, and a row written as NaN passes its checksum. The test is one float32 sum per image (NaN
+    or inf anywhere makes it non-finite), a few percent of the time the bank takes to build."""
 
     def __init__(self, cache, rows: np.ndarray):
         self.cache, self.rows = cache, rows
         self._buffer = torch.empty(0, dtype=cache.stored_dtype)
+        self.nan_rows, self.inf_rows = set(), set()
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -45,7 +50,26 @@ class _CacheRows:
         shape = (len(rows), *self.cache.feature_shape)
         if self._buffer.numel() < math.prod(shape):
             self._buffer = torch.empty(math.prod(shape), dtype=self.cache.stored_dtype)
-        return self.cache.features(rows=rows, out=self._buffer[:math.prod(shape)].view(shape))
+        block = self.cache.features(rows=rows, out=self._buffer[:math.prod(shape)].view(shape))
+        flat = block.flatten(1)
+        if not bool(torch.isfinite(flat.sum(1, dtype=torch.float32)).all()):
+            self.inf_rows.update(rows[torch.isinf(flat).any(1).numpy()].tolist())
+            self.nan_rows.update(rows[torch.isnan(flat).any(1).numpy()].tolist())
+        return block
+
+    def refuse_nonfinite(self) -> None:
+        bad = sorted(self.inf_rows | self.nan_rows)
+        if not bad:
+            return
+        shown = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
+        if self.inf_rows:
+            why = (f"row {min(self.inf_rows)} holds inf, which a float16 cache stores for values above 65504: "
+                   "re-extract with `msdn extract --dtype float32`")
+        else:
+            why = (f"row {bad[0]} holds NaN (its checksum can still match: written so, or damaged before the "
+                   "checksum was taken): re-extract the cache")
+        raise CacheError(f"{self.cache.path}: {len(bad)} of {len(self.rows)} rows used here hold non-finite "
+                         f"features (cache rows {shown}); {why}")
 
 
 class ResidentFeatures:
@@ -57,8 +81,10 @@ class ResidentFeatures:
         nbytes = len(self.rows) * math.prod(cache.feature_shape) * self.dtype.itemsize
         self.resident = self.device.type != "cuda" or device_holds(nbytes, self.device)
         self.index_device = self.device if self.resident else torch.device("cpu")
-        self.bank = RegionBank(_CacheRows(cache, self.rows), dtype=self.dtype, device=self.index_device,
+        source = _CacheRows(cache, self.rows)
+        self.bank = RegionBank(source, dtype=self.dtype, device=self.index_device,
                                pin_memory=not self.resident)
+        source.refuse_nonfinite()
         if not self.resident:
             shape = (max_batch,) + tuple(self.bank.data.shape[1:])
             self._staging = [torch.empty(shape, dtype=self.dtype).pin_memory() for _ in range(2)]

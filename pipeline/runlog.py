@@ -49,6 +49,8 @@ class RunLog:
             raise RunFolderError(f"{self.dir}: already holds a run (config.json); choose another --out "
                                  "or pass --overwrite")
         self.dir.mkdir(parents=True, exist_ok=True)
+        # a run that fails must not leave an earlier run's result beside its own config.json
+        (self.dir / "summary.json").unlink(missing_ok=True)
         self.metrics_path = self.dir / "metrics.jsonl"
         self.metrics_path.write_text("")
 

@@ -61,10 +61,11 @@ def validation_task(labels: np.ndarray, splits: dict, *, held_out_fraction: floa
     if "train_loc" in splits and "val_loc" in splits:
         train_loc = np.intersect1d(splits["train_loc"], trainval)
         val_loc = np.intersect1d(splits["val_loc"], trainval)
-        note = "xlsa17 train_loc/val_loc within trainval"
+        note = "split: the cache's own train_loc/val_loc (xlsa17's for its benchmarks), within trainval"
     else:  # e.g. a TransZero-written cache: hold out a fixed fifth of the seen classes
         train_loc, val_loc = make_validation_split(labels, trainval, fraction=0.2, seed=0)
-        note = "derived: 20% of the seen classes held out (make_validation_split, seed 0)"
+        note = ("split: derived, 20% of the seen classes picked as validation classes (seed 0), because the "
+                "cache has no train_loc/val_loc (a TransZero-written file?); xlsa17's own split differs")
     pseudo_seen = np.unique(labels[train_loc])
     pseudo_unseen = np.unique(labels[val_loc])
     if len(pseudo_seen) == 0 or len(pseudo_unseen) == 0 or np.intersect1d(pseudo_seen, pseudo_unseen).size:

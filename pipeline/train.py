@@ -16,6 +16,7 @@ reports the best H and the best ZSL accuracy seen (selection on the test set).
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -25,7 +26,7 @@ from cache.reader import CacheError, FeatureCache
 from heads.runtime import keep_freed_memory
 from pipeline.checkpoint import cache_identity, save_checkpoint
 from pipeline.config import TrainConfig
-from pipeline.engine import build_model, deterministic_mode, evaluate_task, fit, resolve_device
+from pipeline.engine import DivergedError, build_model, deterministic_mode, evaluate_task, fit, resolve_device
 from pipeline.precision import choose_amp
 from pipeline.runlog import RunLog, write_json_atomic
 from pipeline.memory import describe_plan, open_features
@@ -40,7 +41,12 @@ def train(config: TrainConfig, cache_path: str | Path, out_dir: str | Path, *, d
           overwrite: bool = False, max_memory: str | None = None, log: Callable[[str], None] | None = None) -> dict:
     """Train, select, evaluate; write the run folder; return the summary dict (see summary.json).
     max_memory: the process's memory limit ("6G"; default: from the available memory), which
-    decides between the resident bank and streaming (pipeline/memory.py); `log` gets that choice."""
+    decides between the resident bank and streaming (pipeline/memory.py). `log` (default: stderr)
+    gets that choice and one line naming the validation split and where it came from.
+    A run that diverges (DivergedError) or whose cache holds NaN/inf (CacheError) stops with a
+    "failed" record in metrics.jsonl and no summary.json, so that neither `msdn report` nor
+    `msdn ablate` takes it for a result."""
+    log = log or (lambda msg: print(msg, file=sys.stderr))
     device, cache_path, out_dir = resolve_device(device), Path(cache_path), Path(out_dir)
     amp_choice = choose_amp(config.amp, device)
     amp = amp_choice.amp
@@ -57,21 +63,30 @@ def train(config: TrainConfig, cache_path: str | Path, out_dir: str | Path, *, d
         identity = cache_identity(cache)
         run = RunLog(out_dir, overwrite=overwrite)
         rows = np.concatenate([test.train_rows, test.eval_seen_rows, test.eval_unseen_rows])
-        store, plan = open_features(cache, rows, device, bank_dtype(config.feature_dtype, amp), max_memory=max_memory,
-                                    batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
-                                    num_attributes=int(cache.att.shape[1]))
-        (log or (lambda message: None))(describe_plan(plan))
+        try:
+            store, plan = open_features(cache, rows, device, bank_dtype(config.feature_dtype, amp),
+                                        max_memory=max_memory, batch_size=config.batch_size,
+                                        eval_batch_size=config.eval_batch_size, num_attributes=int(cache.att.shape[1]))
+        except CacheError as err:  # NaN/inf rows: refused before training, recorded as a failed run
+            run.log({"phase": "failed", "error": str(err)})
+            raise
+        log(describe_plan(plan))
         run.write_config({**config.to_dict(), "run": {
             "cache": str(cache_path), "cache_identity": identity, "device": str(device), "amp": amp,
             "amp_choice": amp_choice.to_dict(), "deterministic": deterministic, "paper_protocol": paper_protocol,
             "skipped_rows_dropped": skipped, "features": plan,
             "tasks": [t.describe() for t in (val, test) if t is not None]}})
-        common = dict(cache=cache, store=store, labels=labels, amp=amp, run=run, progress=progress)
-        if val is not None:
-            selection = select_on_validation(config, val, **common)
-        else:
-            selection = {"mode": "fixed", "iteration": config.iterations, "gamma": config.gamma}
-        final = train_final(config, test, selection, identity, paper_protocol=paper_protocol, **common)
+        log(validation_line(val))
+        try:
+            common = dict(cache=cache, store=store, labels=labels, amp=amp, run=run, progress=progress)
+            if val is not None:
+                selection = select_on_validation(config, val, **common)
+            else:
+                selection = {"mode": "fixed", "iteration": config.iterations, "gamma": config.gamma}
+            final = train_final(config, test, selection, identity, paper_protocol=paper_protocol, **common)
+        except (DivergedError, CacheError) as err:
+            run.log({"phase": "failed", "error": str(err)})
+            raise
 
     summary = {
         "recipe": config.recipe, "cache": str(cache_path), "content_key": identity["content_key"],
@@ -84,6 +99,15 @@ def train(config: TrainConfig, cache_path: str | Path, out_dir: str | Path, *, d
     }
     run.write_summary(summary)
     return summary
+
+
+def validation_line(val: Task | None) -> str:
+    """One line: which classes validate, and where that split came from (see pipeline/tasks.py)."""
+    if val is None:
+        return "validation: none (selection = fixed: the recipe's iterations and gamma)"
+    return (f"validation: {len(val.unseen)} validation classes and {len(val.seen)} seen classes "
+            f"({len(val.train_rows)} training, {len(val.eval_seen_rows)} + {len(val.eval_unseen_rows)} "
+            f"evaluation images); {val.note}")
 
 
 def select_on_validation(config: TrainConfig, val: Task, *, cache, store, labels, amp, run, progress) -> dict:

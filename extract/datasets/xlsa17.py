@@ -56,8 +56,9 @@ def load_xlsa17(name: str, data_root: str | Path = "data", xlsa17_root: str | Pa
         found = [k for k in usable if candidates[k].is_file()]
         if not found:
             raise DatasetError(f"{name}: no image list found (looked for "
-                               f"{', '.join(str(candidates[k]) for k in usable)}); pass index_root=, image_root= "
-                               "or xlsa17_root=")
+                               f"{', '.join(str(candidates[k]) for k in usable)}); pass --data-root <folder holding "
+                               f"{name}/ and xlsa17_image_index/> or --xlsa17-root (in Python also index_root=, "
+                               "image_root=)")
         image_source = found[0]
     if image_source == "res101":
         image_paths, labels = _from_res101(candidates["res101"], name, path_anchor)

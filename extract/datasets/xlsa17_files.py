@@ -55,8 +55,8 @@ def load_semantics(name: str, xlsa17_root: Path, w2v_root: Path | None, w2v: str
         raise DatasetError(f"w2v {w2v!r}: expected 'auto' or 'none'")
     att_path = Path(xlsa17_root) / name / "att_splits.mat"
     if not att_path.is_file():
-        raise DatasetError(f"{att_path}: xlsa17 split file not found; pass xlsa17_root=<folder holding "
-                           f"{name}/att_splits.mat> (xlsa17.zip unpacks to xlsa17/data)")
+        raise DatasetError(f"{att_path}: xlsa17 split file not found; pass --xlsa17-root <folder holding "
+                           f"{name}/att_splits.mat> (xlsa17_root= in Python; xlsa17.zip unpacks to xlsa17/data)")
     splits = load_att_splits(att_path)
     class_names = splits.class_names or [f"class_{i + 1:03d}" for i in range(splits.num_classes)]
     num_attributes = splits.att.shape[1]
@@ -134,8 +134,9 @@ def load_word_vectors(w2v_root: Path | None, names: list[str], num_attributes: i
                                    f"for the {num_attributes} attributes of att")
             return w2v.astype(np.float64), str(path)
     if required:
-        raise DatasetError(f"{w2v_root}: no attribute word vectors ({', '.join(tried)}); pass w2v_root=<folder> "
-                           "or w2v='none' to learn the attribute embeddings from a random init")
+        raise DatasetError(f"{w2v_root}: no attribute word vectors ({', '.join(tried)}); pass --w2v-root <folder> "
+                           "(w2v_root= in Python, where w2v='none' instead learns the attribute embeddings from "
+                           "a random init)")
     return None, None
 
 

@@ -53,3 +53,22 @@ def test_unknown_override_is_refused_before_any_work(cli_run):
     assert done.returncode != 0
     assert done.stderr.strip() == "Error: --set: unknown config key 'lambda_causl' (did you mean 'lambda_causal'?)"
     assert not (root / "r").exists()
+
+
+def test_filesystem_faults_are_named_by_file_and_reason():
+    """h5py reports a failed write as a RuntimeError whose text names the file; a close that fails
+    after it hides it as its context. Plain OSErrors carry the file themselves."""
+    from cli import filesystem_fault
+
+    write = RuntimeError("Can't synchronously write data (file write failed: time = Tue Dec  1 01:11:21 2026\n"
+                         ", filename = 'out/x.h5.partial', file descriptor = 3, errno = 28, error message = "
+                         "'No space left on device', buf = 0x1, total write size = 9882)")
+    try:
+        try:
+            raise write
+        except RuntimeError:
+            raise RuntimeError("Can't destroy cache (slist already enabled?)")
+    except RuntimeError as err:
+        assert filesystem_fault(err) == ("out/x.h5.partial: No space left on device", True)
+    assert filesystem_fault(PermissionError(13, "Permission denied", "runs/x")) == ("runs/x: Permission denied", False)
+    assert filesystem_fault(RuntimeError("a bug, not the filesystem")) is None

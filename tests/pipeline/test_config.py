@@ -45,6 +45,16 @@ def test_overrides_are_typed_and_reach_head_fields():
     ("counterfactual=nope", "counterfactual must be one of"),
     ("fusion=1", "fusion: expected 2"),
     ("no_equals_sign", "expects key=value"),
+    ("lr=inf", "lr must be a finite number > 0, got inf"),
+    ("lr=nan", "lr must be a finite number > 0, got nan"),
+    ("alpha=2", "alpha must be a finite number in [0, 1), got 2.0"),
+    ("momentum=-1", "momentum must be a finite number in [0, 1), got -1.0"),
+    ("weight_decay=-1", "weight_decay must be a finite number >= 0, got -1.0"),
+    ("gamma=nan", "gamma must be a finite number, got nan"),
+    ("seed=-1", "seed must be >= 0"),
+    ("lambda_distill=inf", "must be finite numbers >= 0"),
+    ("fusion=[nan,1]", "fusion weights must be finite numbers"),
+    ("bias=-inf", "bias must be a finite number"),
 ])
 def test_bad_overrides_fail_with_a_clear_message(item, message):
     with pytest.raises(ConfigError, match=None) as err:
@@ -67,3 +77,14 @@ def test_recipe_file_errors_name_the_file(tmp_path):
 def test_dict_round_trip():
     c = apply_overrides(load_recipe("SUN"), ["lambda_causal=0.2"])
     assert TrainConfig.from_dict(c.to_dict()) == c
+
+
+@pytest.mark.parametrize("device, message", [
+    ("foo", "'foo' is not a device"),
+    ("xla", "device type 'xla' is not supported"),
+])
+def test_unknown_devices_are_refused(device, message):
+    from pipeline.config import check_device
+    assert check_device("auto") == "auto" and check_device("cpu") == "cpu"
+    with pytest.raises(ConfigError, match=message):
+        check_device(device)
