@@ -8,7 +8,7 @@ import numpy as np
 from cache.reader import FeatureCache
 from heads.config import HeadConfig
 from heads.runtime import keep_freed_memory
-from pipeline.checkpoint import cache_identity, check_compatible, load_checkpoint
+from pipeline.checkpoint import cache_identity, check_compatible, load_checkpoint, load_weights
 from pipeline.config import TrainConfig
 from pipeline.engine import build_model, evaluate_task, resolve_amp, resolve_device
 from pipeline.runlog import RunLog, write_json_atomic
@@ -38,7 +38,7 @@ def evaluate(checkpoint: str | Path, cache_path: str | Path, *, out_dir: str | P
         store = ResidentFeatures(cache, np.concatenate([task.eval_seen_rows, task.eval_unseen_rows]), device,
                              bank_dtype(config.feature_dtype, amp), max_batch=batch_size)
         model = build_model(HeadConfig.from_dict(ckpt["config"]["head"]), cache, task, device, config.seed)
-        model.load_state_dict(ckpt["model"])
+        load_weights(model, ckpt, checkpoint)
         report = evaluate_task(model, store, task, labels, gamma=gamma, batch_size=batch_size, amp=amp,
                                with_curve=True)
     curve = report.pop("curve")
