@@ -378,22 +378,40 @@ def _copy(job, key, other_store, cache_dir):
         click.echo(job(key, other_store, cache_dir, log=lambda msg: click.echo(msg, err=True)))
 
 
+def _amount(ctx, param, value):
+    """A finite number >= 0 (a negative age would select every entry, NaN none): else a usage error."""
+    if value is not None and not (math.isfinite(value) and value >= 0):
+        raise click.BadParameter(f"{value} is not a number >= 0")
+    return value
+
+
+def _size(ctx, param, value):
+    from cache.store import StoreError
+    from pipeline.cache_jobs import parse_size
+
+    try:
+        return None if value is None else parse_size(value)
+    except StoreError as err:
+        raise click.BadParameter(str(err)) from None
+
+
 @cache.command("gc")
 @_STORE_OPTION
-@click.option("--older-than", "days", type=float, default=None, help="Also remove entries unused for DAYS.")
-@click.option("--max-size", default=None, help="Also remove least recently used entries until the store fits, e.g. 200G.")
-@click.option("--stale-hours", type=float, default=24.0, show_default=True,
+@click.option("--older-than", "days", type=float, default=None, callback=_amount,
+              help="Also remove entries unused for DAYS.")
+@click.option("--max-size", default=None, callback=_size,
+              help="Also remove least recently used entries until the store fits, e.g. 200G.")
+@click.option("--stale-hours", type=float, default=24.0, show_default=True, callback=_amount,
               help="Remove unlocked staging folders (interrupted work) untouched this long.")
 @click.option("--dry-run", is_flag=True, help="Only say what would be removed.")
 def cache_gc(cache_dir, days, max_size, stale_hours, dry_run):
     """Remove interrupted work nobody holds and, on request, old or least recently used entries."""
     from cache.gc import collect_garbage
-    from pipeline.cache_jobs import open_local_store, parse_size
+    from pipeline.cache_jobs import open_local_store
 
     with _one_line_errors():
         removed = collect_garbage(open_local_store(cache_dir), stale_hours=stale_hours, older_than_days=days,
-                                  max_bytes=parse_size(max_size) if max_size else None, dry_run=dry_run,
-                                  log=click.echo)
+                                  max_bytes=max_size, dry_run=dry_run, log=click.echo)
     if not removed:
         click.echo("nothing to remove")
 
@@ -426,7 +444,8 @@ def cache_export(target, file, cache_dir, dtype, compression):
     from pipeline.cache_jobs import export
 
     with _one_line_errors():
-        click.echo(export(target, file, dtype=dtype, compression=compression, cache_dir=cache_dir))
+        click.echo(export(target, file, dtype=dtype, compression=compression, cache_dir=cache_dir,
+                          log=lambda msg: click.echo(msg, err=True)))
 
 
 # ----------------------------------------------------------------------------- ablations, reports, pictures

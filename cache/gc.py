@@ -8,16 +8,23 @@ used entries until the store fits in `max_bytes`. A key whose lock is held is ne
 """
 from __future__ import annotations
 
+import math
 import shutil
 import time
 from pathlib import Path
 
-from cache.store import LockBusy, Store
+from cache.store import LockBusy, Store, StoreError
 
 
 def collect_garbage(store: Store, *, stale_hours: float = 24.0, older_than_days: float | None = None,
                     max_bytes: int | None = None, dry_run: bool = False, log=print) -> list[str]:
-    """Remove (or with dry_run only list) garbage; returns one line per thing removed."""
+    """Remove (or with dry_run only list) garbage; returns one line per thing removed. Negative, NaN
+    or infinite ages and sizes are refused before anything is touched (a negative age would match
+    every entry; NaN none)."""
+    for name, value in (("stale_hours", stale_hours), ("older_than_days", older_than_days),
+                        ("max_bytes", max_bytes)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise StoreError(f"gc: {name} must be a finite number >= 0, got {value}")
     done: list[str] = []
     now = time.time()
 

@@ -21,7 +21,9 @@ vector size, (C, H, W) = the backbone's feature map shape.
     done             (N,)           bool         row i holds valid features (set only after its data
                                                  was written and flushed)
     skipped          (N,)           bool         row i's image was unreadable under --skip-bad: its
-                                                 features stay zero and done[i] stays False
+                                                 features stay zero and done[i] stays False, and the
+                                                 finished file's split locations leave row i out
+                                                 (`--resume` puts it back once its image reads)
     row_crc32        (N,)           uint32       zlib.crc32 of row i's values as stored (C order,
                                                  little-endian, before compression), written with the
                                                  row and flushed before done[i]; `msdn cache verify`
@@ -132,6 +134,31 @@ def create_cache_file(path: str | Path, *, dataset, feature_shape: tuple[int, in
         f.attrs[CONTENT_KEY_ATTR] = manifest["content_key"]
     os.replace(tmp, path)
     return path
+
+
+def usable_locations(splits: dict, skipped: np.ndarray) -> dict:
+    """The split locations without the rows recorded as skipped (their maps are all zero): what the
+    file's trainval_loc & co. hold, since MSDN/TransZero's own loaders read them as they are."""
+    skipped = np.asarray(skipped, dtype=bool)
+    return {k: np.asarray(v, dtype=np.int64)[~skipped[np.asarray(v, dtype=np.int64)]] for k, v in splits.items()}
+
+
+def write_locations(f: h5py.File, splits: dict) -> None:
+    """Replace the split keys of an open (not SWMR) file by `splits` where they differ."""
+    for key in REQUIRED_SPLITS + OPTIONAL_SPLITS:
+        if key not in splits:
+            continue
+        data = np.asarray(splits[key], dtype=np.int64)
+        if key in f and f[key].shape == data.shape and np.array_equal(f[key][()], data):
+            continue
+        if key in f:
+            del f[key]
+        f.create_dataset(key, data=data)
+
+
+def dropped_counts(splits: dict, usable: dict) -> str:
+    """'trainval_loc 1, test_unseen_loc 1': rows each split lost."""
+    return ", ".join(f"{k} {len(splits[k]) - len(usable[k])}" for k in splits if len(splits[k]) != len(usable[k]))
 
 
 def row_crc32(row: np.ndarray, dtype=None) -> int:

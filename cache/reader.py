@@ -66,6 +66,10 @@ class FeatureCache:
         if n and (self.labels.min() < 0 or self.labels.max() >= num_classes):
             raise CacheError(f"{self.path}: labels lie in [{self.labels.min()}, {self.labels.max()}], "
                              f"outside the {num_classes} classes of {L.ATT}")
+        named = int(self.labels.max()) + 1 if n else num_classes
+        if num_classes != named and num_att == named:  # without w2v_att nothing else would notice
+            raise CacheError(f"{self.path}: {L.ATT} has shape {self.att.shape} but the labels name {named} classes: "
+                             f"it looks transposed (expected (classes, attributes) = ({named}, {num_classes}))")
         self.splits = {}
         for key in L.REQUIRED_SPLITS + L.OPTIONAL_SPLITS:
             if key in f:
@@ -73,6 +77,11 @@ class FeatureCache:
                 if loc.size and (loc.min() < 0 or loc.max() >= n):
                     raise CacheError(f"{self.path}: {key} indexes rows outside [0, {n}) (1-based locations?)")
                 self.splits[key] = loc
+        both = np.intersect1d(self.labels[self.splits["trainval_loc"]], self.labels[self.splits["test_unseen_loc"]])
+        if both.size:
+            shown = ", ".join(map(str, both[:10].tolist())) + (", ..." if both.size > 10 else "")
+            raise CacheError(f"{self.path}: classes [{shown}] are both seen (trainval_loc) and unseen "
+                             "(test_unseen_loc); zero-shot splits must keep them apart")
         self.w2v_att = self._float_matrix(L.W2V) if L.W2V in f else None
         if self.w2v_att is not None and self.w2v_att.shape[0] != num_att:
             raise CacheError(f"{self.path}: {L.W2V} has shape {self.w2v_att.shape}, expected ({num_att}, D)")

@@ -12,7 +12,8 @@ missing or damaged shard shows up in `msdn cache verify` as rows whose checksum 
 
 `export_cache` writes any cache (virtual or not) as one plain file in TransZero's key layout,
 optionally converting the dtype (float32 for MSDN/TransZero's own loaders) or the compression. Each
-source row is checked against its checksum on the way, so an export never carries corruption along.
+source row is checked against its checksum on the way, so an export never carries corruption along,
+and rows recorded as skipped are left out of its split locations (those loaders read them as they are).
 """
 from __future__ import annotations
 
@@ -57,6 +58,7 @@ def join_shards(out: str | Path, shards: list[Path], dataset, manifest: dict, *,
         with h5py.File(tmp, "r+", libver=L.LIBVER) as f:
             for key in (L.DONE, L.SKIPPED, L.ROW_CRC32):
                 f[key][...] = np.concatenate([_column(c, key) for c in opened])
+            L.write_locations(f, L.usable_locations(dataset.splits, f[L.SKIPPED][()]))  # as extraction does
             if materialize:
                 _copy_chunks(opened, f[L.FEATURES])
             else:
@@ -107,13 +109,23 @@ def _copy_chunks(opened: list[FeatureCache], target: h5py.Dataset) -> None:
 
 
 def export_cache(source: str | Path, dest: str | Path, *, dtype: str | None = None,
-                 compression: str | None = None) -> Path:
-    """Write `source` (any of our caches, virtual or not) as one self-contained file `dest`."""
+                 compression: str | None = None, log=None) -> Path:
+    """Write `source` (any of our caches, virtual or not) as one self-contained file `dest`. Rows
+    recorded as skipped are left out of the split locations (`log` hears how many); an unfinished
+    extraction is refused."""
     from extract.manifest import content_key
     from extract.writer import CacheWriter
 
     dest = Path(dest)
     with FeatureCache(source) as cache:
+        unfinished = int((~cache.done & ~cache.skipped).sum())
+        if unfinished:
+            raise CacheError(f"{cache.path}: {unfinished} rows are not extracted yet (they would be exported as "
+                             "all-zero maps); finish the extraction with `msdn extract --resume` first")
+        usable = L.usable_locations(cache.splits, cache.skipped)
+        if cache.skipped.any() and log:
+            log(f"{int(cache.skipped.sum())} skipped row(s) left out of the split locations "
+                f"({L.dropped_counts(cache.splits, usable) or 'no split held them'})")
         f, fm = cache.file, cache.file[L.FEATURES]
         dtype = dtype or str(fm.dtype)
         compression = compression or (_compression_of(fm) if not fm.is_virtual else _compression_of_sources(cache))
@@ -124,8 +136,8 @@ def export_cache(source: str | Path, dest: str | Path, *, dtype: str | None = No
             manifest["content_key"] = content_key(manifest)
         expected = f[L.ROW_CRC32][()] if L.ROW_CRC32 in f else None
         partial = dest.with_name(dest.name + ".partial")
-        L.create_cache_file(partial, dataset=_metadata_of(cache), feature_shape=cache.feature_shape, dtype=dtype,
-                            compression=compression, manifest=manifest,
+        L.create_cache_file(partial, dataset=_metadata_of(cache, usable), feature_shape=cache.feature_shape,
+                            dtype=dtype, compression=compression, manifest=manifest,
                             image_bytes=f[L.IMAGE_BYTES][()] if L.IMAGE_BYTES in f else None)
         with CacheWriter(partial, codec_threads=max(1, min(8, (os.cpu_count() or 2) // 2))) as writer:
             rows = np.flatnonzero(cache.done)
@@ -145,9 +157,9 @@ def export_cache(source: str | Path, dest: str | Path, *, dtype: str | None = No
     return dest
 
 
-def _metadata_of(cache: FeatureCache) -> SimpleNamespace:
-    """What create_cache_file reads from a dataset, taken from an open cache."""
-    return SimpleNamespace(num_images=cache.num_images, labels=cache.labels, splits=cache.splits, att=cache.att,
+def _metadata_of(cache: FeatureCache, splits: dict) -> SimpleNamespace:
+    """What create_cache_file reads from a dataset, taken from an open cache (and `splits`)."""
+    return SimpleNamespace(num_images=cache.num_images, labels=cache.labels, splits=splits, att=cache.att,
                            original_att=cache.original_att, w2v_att=cache.w2v_att,
                            image_paths=cache.image_paths or [""] * cache.num_images)
 

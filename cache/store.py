@@ -36,11 +36,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from cache.reader import CacheError
+from cache.record import (FEATURES_FILE, RECORD_FORMAT, RecordError, check_file_name, check_files, inside,
+                          parse_record)
 
 ENV = "MSDN_CACHE_DIR"
-FEATURES_FILE = "features.h5"
 RECORD_FILE = "entry.json"
-RECORD_FORMAT = "msdn-store-entry"
 MIN_PREFIX = 4
 _BLOCK = 8 << 20
 
@@ -95,13 +95,15 @@ class Store:
         return sorted(p.name for p in entries.iterdir() if (p / RECORD_FILE).is_file())
 
     def record(self, key: str) -> dict:
+        """The entry's record, checked (cache/record.py); RecordError when it is damaged."""
         path = self.entry_dir(key) / RECORD_FILE
         try:
-            return json.loads(path.read_text())
+            text = path.read_bytes()
         except FileNotFoundError:
             raise StoreError(f"{self.root}: no entry {key}") from None
-        except (OSError, ValueError) as err:
-            raise StoreError(f"{path}: unreadable entry record ({err})") from None
+        except OSError as err:
+            raise RecordError(f"{path}: unreadable entry record ({err.strerror or err})") from None
+        return parse_record(text, key, path)
 
     def resolve(self, key_or_prefix: str) -> str:
         """The full key of an entry named by its key or a unique prefix (>= 4 characters)."""
@@ -117,7 +119,8 @@ class Store:
         return found[0]
 
     def open_entry_file(self, key: str, name: str):
-        return open(self.entry_dir(key) / name, "rb")
+        folder = self.entry_dir(key)
+        return open(inside(folder, name, folder / RECORD_FILE), "rb")
 
     def touch_used(self, key: str) -> None:
         with contextlib.suppress(OSError):  # a read-only store can still be read
@@ -130,7 +133,12 @@ class Store:
         return 0.0
 
     def entry_bytes(self, key: str) -> int:
-        return sum(f["bytes"] for f in self.record(key)["files"].values())
+        """The entry's size by its record; by the files in its folder when the record is damaged."""
+        try:
+            return sum(f["bytes"] for f in self.record(key)["files"].values())
+        except RecordError:
+            folder = self.entry_dir(key)
+            return sum(p.lstat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
 
     # ------------------------------------------------------------------ writing
     def staging(self, kind: str, key: str) -> Path:
@@ -181,7 +189,7 @@ class Store:
         record = describe_entry(staged, key, manifest, files)
         _write_atomic(staged / RECORD_FILE, json.dumps(record, indent=1, sort_keys=True))
         for name in record["files"]:
-            _fsync(staged / name)
+            _fsync(inside(staged, name, staged / RECORD_FILE))
         _fsync(staged)
         target = self.entry_dir(key)
         self._dir("entries")
@@ -222,6 +230,11 @@ def describe_entry(folder: Path, key: str, manifest: dict, files: dict | None = 
     if files is None:
         files = {path.relative_to(folder).as_posix(): {"bytes": path.stat().st_size, "crc32": file_crc32(path)}
                  for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != RECORD_FILE)}
+        for name in files:  # only what the store itself writes is published
+            check_file_name(name, folder)
+    check_files(files, folder)
+    for name in files:
+        inside(folder, name, folder)
     return {"format": RECORD_FORMAT, "key": key, "manifest": manifest, "files": files, **info,
             "published": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 

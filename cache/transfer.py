@@ -10,6 +10,10 @@ local destination (under the key's lock, as in cache/store.py); on an fsspec des
 are moved into `entries/<key>/` and `entry.json` is written last, so readers that go by the record
 never see a partial entry.
 
+The source's record is checked before any byte moves (cache/record.py): every file name in it must be
+one the store writes and lead inside the entry; a shared store's `../../x` or `/abs/x` is refused in
+one line on pull and on push, and nothing is written outside the destination's staging folder.
+
 Test hooks (documented, not for users): MSDN_TRANSFER_BLOCK (bytes per block) and
 MSDN_TRANSFER_THROTTLE_S (sleep after each block) make a copy slow enough to interrupt.
 """
@@ -21,6 +25,7 @@ import time
 import zlib
 from pathlib import Path
 
+from cache.record import inside, inside_url, parse_record
 from cache.store import FEATURES_FILE, RECORD_FILE, Store, StoreError
 from cache.verify import verify_cache
 
@@ -68,9 +73,14 @@ class RemoteStore:
         return self.fs.exists(self._path("entries", key, RECORD_FILE))
 
     def record(self, key: str) -> dict:
+        """The entry's record, checked (cache/record.py); RecordError when it is damaged."""
         if not self.has(key):
             raise TransferError(f"{self.url}: no entry {key}")
-        return json.loads(self.fs.cat_file(self._path("entries", key, RECORD_FILE)))
+        return parse_record(self.fs.cat_file(self._path("entries", key, RECORD_FILE)), key,
+                            self._where("entries", key, RECORD_FILE))
+
+    def _where(self, *parts: str) -> str:
+        return "/".join([self.url.rstrip("/"), *parts])
 
     def resolve(self, prefix: str) -> str:
         found = [k for k in self.keys() if k.startswith(prefix.lower())]
@@ -79,13 +89,14 @@ class RemoteStore:
         return found[0]
 
     def open_entry_file(self, key: str, name: str):
-        return self.fs.open(self._path("entries", key, name), "rb")
+        where = self._where("entries", key, RECORD_FILE)
+        return self.fs.open(inside_url(self._path("entries", key), name, where), "rb")
 
 
 def copy_entry(key: str, source, dest, *, log=print) -> dict:
     """Copy entry `key` from `source` to `dest` (Store or RemoteStore); returns the record."""
     key = source.resolve(key)
-    record = source.record(key)
+    record = source.record(key)  # checked: every file name is one the store writes (cache/record.py)
     if dest.has(key):
         log(f"{_where(dest)}: entry {key[:12]}... is already there")
         return record
@@ -96,9 +107,9 @@ def copy_entry(key: str, source, dest, *, log=print) -> dict:
                 return record
             stage = dest.staging("copy", key)
             for name, meta in record["files"].items():
-                _copy_file(source, key, name, meta, _LocalPart(stage / name), log)
+                _copy_file(source, key, name, meta, _LocalPart(inside(stage, name, stage)), log)
             report = verify_cache(stage / FEATURES_FILE, record)
-            if report.verdict == "corrupt":
+            if report.verdict in ("corrupt", "damaged"):
                 for name in record["files"]:  # start those files again on the next try
                     (stage / name).unlink(missing_ok=True)
                 raise TransferError("\n".join([f"copy of {key[:12]}... does not match its source; rerun to copy "
@@ -107,9 +118,10 @@ def copy_entry(key: str, source, dest, *, log=print) -> dict:
     else:
         stage = dest._path("staging", f"copy-{key}")
         for name, meta in record["files"].items():
-            _copy_file(source, key, name, meta, _RemotePart(dest.fs, f"{stage}/{name}"), log)
+            _copy_file(source, key, name, meta, _RemotePart(dest.fs, inside_url(stage, name, stage)), log)
+        dest.fs.makedirs(dest._path("entries", key), exist_ok=True)
         for name, meta in record["files"].items():
-            dest.fs.mv(f"{stage}/{name}", dest._path("entries", key, name))
+            dest.fs.mv(inside_url(stage, name, stage), inside_url(dest._path("entries", key), name, dest.url))
         dest.fs.pipe_file(dest._path("entries", key, RECORD_FILE), json.dumps(record, indent=1).encode())
     log(f"{_where(dest)}: entry {key[:12]}... copied and verified ({len(record['files'])} file(s))")
     return record
@@ -182,6 +194,7 @@ class _LocalPart:
 class _RemotePart(_LocalPart):
     def __init__(self, fs, final: str):
         self.fs, self.final, self.path = fs, final, final + ".part"
+        fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)  # a no-op on object stores; needed on file://
 
     def final_size(self):
         return self.fs.size(self.final) if self.fs.exists(self.final) else None

@@ -7,9 +7,13 @@
    cannot be decoded. A virtual (sharded) cache is read shard by shard against the joined file's
    checksums; a missing shard is named (HDF5 would silently read zeros).
 Files without `row_crc32` (TransZero's, older ones) can only be read through: "readable, no checksums".
+Before the rows, the file is opened as training opens it (cache/reader.py: keys, shapes, labels within
+`att`'s classes, disjoint seen and unseen classes); a file training would refuse is "unusable", in one
+line. A store entry whose record is damaged or names files the store never writes is "damaged", in
+one line, and none of its files is opened (cache/record.py).
 
-Verdicts and exit codes: ok 0, corrupt 1, no-checksums 3, incomplete 4 (rows not extracted yet, or
-skipped; the done rows checked out).
+Verdicts and exit codes: ok 0, corrupt 1, damaged 1, unusable 1, no-checksums 3, incomplete 4 (rows
+not extracted yet, or skipped; the done rows checked out).
 """
 from __future__ import annotations
 
@@ -22,9 +26,11 @@ import numpy as np
 
 from cache import chunk_check
 from cache import layout as L
+from cache.reader import CacheError, FeatureCache
+from cache.record import RecordError, inside, parse_record
 from cache.store import RECORD_FILE, file_crc32
 
-EXIT_CODES = {"ok": 0, "corrupt": 1, "no-checksums": 3, "incomplete": 4}
+EXIT_CODES = {"ok": 0, "corrupt": 1, "damaged": 1, "unusable": 1, "no-checksums": 3, "incomplete": 4}
 _BLOCK_BYTES = 64 << 20
 _SHOW = 10
 
@@ -39,14 +45,20 @@ class VerifyReport:
     corrupt_rows: list[int] = field(default_factory=list)      # decoded, but the crc32 differs
     unreadable_rows: list[int] = field(default_factory=list)   # HDF5 could not decode the chunk
     file_problems: list[str] = field(default_factory=list)     # entry files, shards, metadata
+    damaged_record: str | None = None  # the entry record cannot be trusted (nothing else was read)
+    unusable: str | None = None        # readable, but training would refuse it: why
     bytes_read: int = 0        # decoded feature bytes compared
     file_bytes: int = 0        # bytes on disk read for file checksums
     seconds: float = 0.0
 
     @property
     def verdict(self) -> str:
+        if self.damaged_record:
+            return "damaged"
         if self.corrupt_rows or self.unreadable_rows or self.file_problems:
             return "corrupt"
+        if self.unusable:
+            return "unusable"
         if not self.has_checksums:
             return "no-checksums"
         return "incomplete" if self.rows_not_done else "ok"
@@ -56,6 +68,12 @@ class VerifyReport:
         return EXIT_CODES[self.verdict]
 
     def lines(self) -> list[str]:
+        if self.verdict == "damaged":
+            record = self.path.parent / RECORD_FILE
+            return [f"{record}: DAMAGED entry record: {_without(self.damaged_record, record)}; remove the entry "
+                    "(msdn cache rm KEY) and pull or extract it again"]
+        if self.verdict == "unusable":
+            return [f"{self.path}: NOT USABLE for training: {_without(self.unusable, self.path)}"]
         out = [f"{self.path}: {self.verdict.upper()}: {self.rows_checked} of {self.rows} rows read"
                + (" and matched their checksums" if self.has_checksums else " (no row checksums in this file: "
                   "readable, not verified)")
@@ -72,15 +90,23 @@ class VerifyReport:
 def verify_cache(path: str | Path, record: dict | None = None) -> VerifyReport:
     """Verify the cache file at `path`; with an entry `record` (or an entry.json beside it), its
     files too."""
-    import json
-
     path = Path(path)
     report = VerifyReport(path)
     start = time.perf_counter()
-    if record is None and (path.parent / RECORD_FILE).is_file():
-        record = json.loads((path.parent / RECORD_FILE).read_text())
-    if record is not None:
-        _check_files(path.parent, record, report)
+    try:
+        if record is None and (path.parent / RECORD_FILE).is_file():
+            record_path = path.parent / RECORD_FILE
+            try:
+                text = record_path.read_bytes()
+            except OSError as err:
+                raise RecordError(f"{record_path}: unreadable ({err.strerror or err})") from None
+            record = parse_record(text, path.parent.name, record_path)
+        if record is not None:
+            _check_files(path.parent, record, report)
+    except RecordError as err:
+        report.damaged_record = str(err)
+        report.seconds = time.perf_counter() - start
+        return report
     try:
         f = L.open_readonly(path)
     except OSError as err:
@@ -88,14 +114,31 @@ def verify_cache(path: str | Path, record: dict | None = None) -> VerifyReport:
         report.seconds = time.perf_counter() - start
         return report
     with f:
-        _check_rows(f, report)
+        report.unusable = _training_refusal(path)
+        if report.unusable is None:  # else one line says why; its rows would not be read by anyone
+            _check_rows(f, report, None if record is None else set(record["files"]))
     report.seconds = time.perf_counter() - start
     return report
 
 
+def _training_refusal(path: Path) -> str | None:
+    """Why the reader that training uses refuses the file (None: it opens)."""
+    try:
+        FeatureCache(path).close()
+    except CacheError as err:
+        return str(err)
+    return None
+
+
+def _without(message: str, prefix) -> str:
+    """`message` without a leading "<prefix>: " (the line names the path already)."""
+    head = f"{prefix}: "
+    return message[len(head):] if message.startswith(head) else message
+
+
 def _check_files(folder: Path, record: dict, report: VerifyReport) -> None:
     for name, meta in record["files"].items():
-        file = folder / name
+        file = inside(folder, name, folder / RECORD_FILE)
         if not file.is_file():
             report.file_problems.append(f"{file}: missing")
             continue
@@ -108,7 +151,7 @@ def _check_files(folder: Path, record: dict, report: VerifyReport) -> None:
             report.file_problems.append(f"{file}: bytes differ from the record (crc32)")
 
 
-def _check_rows(f, report: VerifyReport) -> None:
+def _check_rows(f, report: VerifyReport, entry_files: set[str] | None = None) -> None:
     ds = f[L.FEATURES]
     n = report.rows = int(ds.shape[0])
     done = np.asarray(f[L.DONE][()], dtype=bool) if L.DONE in f else np.ones(n, dtype=bool)
@@ -123,6 +166,11 @@ def _check_rows(f, report: VerifyReport) -> None:
     for source in ds.virtual_sources():
         first, last = (int(b[0]) for b in source.vspace.get_select_bounds())
         rows = np.flatnonzero(done[first:last + 1])
+        if entry_files is not None and source.file_name not in entry_files:  # a store entry reads only its own files
+            report.file_problems.append(f"{base}: feature_map reads {source.file_name!r}, which is not a file of "
+                                        "the entry's record")
+            report.corrupt_rows.extend((first + rows).tolist())
+            continue
         path = base / source.file_name
         if not path.is_file():
             report.file_problems.append(f"{path}: shard file missing")

@@ -10,29 +10,40 @@
    and each batch is written and flushed as it comes: memory stays flat.
 3. Work happens in `<out>.partial`, renamed to `<out>` when every row is done or skipped, so `<out>`
    only ever appears complete. An interrupted run (Ctrl-C, kill -9) continues with resume=True.
+   The whole run holds `<out>.lock` (extract/writer.py: output_lock): a second extraction of the
+   same file refuses while the first runs, so only a partial file whose lock could be taken (its
+   writer is gone) is ever recovered and continued.
 
 An unreadable image stops the run with an error naming the file (the good rows of its batch and all
 before are kept); with skip_bad=True its row is recorded in `skipped` (features zero, done False, so
-the cache is not `complete` and readers must use `done_splits()`), and resume=True retries it.
+the cache is not `complete` and readers must use `done_splits()`), the finished file's split
+locations leave it out (for MSDN/TransZero's own loaders, which read them as they are), and
+resume=True retries it.
+
+Test hook (documented, not for users): MSDN_EXTRACT_THROTTLE_S (sleep after each written batch) makes
+an extraction slow enough to run a second one against it.
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import sys
+import time
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from cache.layout import COMPRESSIONS, DTYPES, create_cache_file, partial_path
+from cache.layout import (COMPRESSIONS, DTYPES, LIBVER, SKIPPED, create_cache_file, dropped_counts, partial_path,
+                          usable_locations, write_locations)
 from extract.backbones import BackboneSpec, build_backbone, build_transform, describe, feature_shape
 from extract.datasets.base import DatasetError, ImageDataset
 from extract.loader import ImageRows, default_batch_size, default_num_workers, make_loader
 from extract.manifest import build_manifest, image_file_sizes
 from extract.reuse import check_existing
-from extract.writer import CacheWriter, ExtractError
+from extract.writer import CacheWriter, ExtractError, output_lock
 
 _SHOW_MISSING = 5
 _TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -76,6 +87,17 @@ def extract_features(dataset: ImageDataset, spec: BackboneSpec, out_path: str | 
         "device": device.type, "autocast": str(amp).replace("torch.", "") if amp else None,
         "channels_last": True, "batch_size": batch_size}, backbone_description=describe(spec),
         image_sizes=image_bytes)
+    with output_lock(out, log):  # held until `out` is renamed into place: one writer per file
+        return _extract_locked(dataset, spec, out, partial, manifest, image_bytes, batch_size=batch_size,
+                               device=device, amp=amp, dtype=dtype, compression=compression, resume=resume,
+                               skip_bad=skip_bad, overwrite=overwrite, num_workers=num_workers,
+                               num_threads=num_threads, progress=progress, log=log)
+
+
+def _extract_locked(dataset, spec, out: Path, partial: Path, manifest: dict, image_bytes, *, batch_size, device,
+                    amp, dtype, compression, resume, skip_bad, overwrite, num_workers, num_threads, progress,
+                    log) -> Path:
+    """The extraction proper, with `out`'s lock held (extract/writer.py: output_lock)."""
     if check_existing(out, partial, manifest, image_bytes, resume=resume, overwrite=overwrite, log=log):
         return out
     if not partial.exists():
@@ -104,12 +126,26 @@ def extract_features(dataset: ImageDataset, spec: BackboneSpec, out_path: str | 
         finished = bool((writer.done | writer.skipped).all())
     if not finished:  # cannot happen unless rows changed under us; keep the partial for --resume
         raise ExtractError(f"{partial}: extraction stopped before every row was done; rerun with --resume")
+    dropped = _write_usable_locations(partial, dataset.splits)
     os.replace(partial, out)
     if skipped:
-        log(f"warning: {skipped} unreadable image(s) recorded as skipped (features zero, done=False); "
-            f"fix them and rerun with --resume to fill those rows")
+        log(f"warning: {skipped} unreadable image(s) recorded as skipped (features zero, done=False) and left "
+            f"out of the split locations ({dropped or 'no split held them'}); fix them and rerun with --resume "
+            "to fill those rows")
     log(f"wrote {out}")
     return out
+
+
+def _write_usable_locations(partial: Path, splits: dict) -> str:
+    """The dataset's split locations without the skipped rows into the finished file (all of them
+    again once --resume has filled those rows); returns the rows each split lost, in words."""
+    with h5py.File(partial, "r") as f:
+        usable = usable_locations(splits, f[SKIPPED][()])
+        stale = any(key not in f or not np.array_equal(f[key][()], rows) for key, rows in usable.items())
+    if stale:  # only then opened for writing: most extractions skip nothing and change nothing here
+        with h5py.File(partial, "r+", libver=LIBVER) as f:
+            write_locations(f, usable)
+    return dropped_counts(splits, usable)
 
 
 def _run(dataset, spec, writer: CacheWriter, todo: np.ndarray, *, batch_size, device, amp, dtype,
@@ -122,11 +158,14 @@ def _run(dataset, spec, writer: CacheWriter, todo: np.ndarray, *, batch_size, de
     loader = make_loader(images, batch_size, num_workers, device)
     bar = tqdm(total=len(todo), unit="img", disable=not progress, dynamic_ncols=True, smoothing=0.1)
     pending = None  # the previous batch: written while the device computes the next one
+    throttle = float(os.environ.get("MSDN_EXTRACT_THROTTLE_S", 0))
     try:
         for rows, batch, errors in loader:
             maps, finite, ready = _forward(model, batch, device, amp, dtype)
             if pending is not None:
                 _store(writer, *pending, images, skip_bad, bar)
+                if throttle:
+                    time.sleep(throttle)
             pending = (rows.numpy(), maps, finite, ready, list(errors))
         if pending is not None:
             _store(writer, *pending, images, skip_bad, bar)
@@ -176,8 +215,8 @@ def _store(writer: CacheWriter, rows: np.ndarray, maps: torch.Tensor, finite: to
                            f"or pass --skip-bad to record it as skipped and go on (rows done so far are kept: "
                            f"rerun with --resume)")
     writer.mark_skipped(bad_rows)
-    for k in np.flatnonzero(~good):
-        bar.write(f"skipped {images.path(int(rows[k]))}: {errors[k]}")
+    for k in np.flatnonzero(~good):  # stderr, like every other message: stdout stays clean for pipes
+        bar.write(f"skipped {images.path(int(rows[k]))}: {errors[k]}", file=sys.stderr)
     bar.update(len(bad_rows))
 
 

@@ -10,7 +10,11 @@ compressed chunks as they are (no recompression) into a fresh file and continues
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import os
+import socket
 from pathlib import Path
 
 import h5py
@@ -100,6 +104,76 @@ class CacheWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def output_lock(out: str | Path, log=None):
+    """Hold `<out>.lock` (fcntl.flock, as the store's key locks) for a whole extraction into `out`, so
+    a second extraction of the same file, with --resume or without, refuses at once instead of taking
+    the live `<out>.partial` for a killed writer's. A lock left by a killed process is taken over
+    (the kernel dropped it with the process); the lock file is removed on the way out.
+    Where nothing can be created beside `out` (a read-only folder) no one can write there either,
+    and where the filesystem has no locks, a warning is logged: both go on unlocked."""
+    out = Path(out)
+    path = out.with_name(out.name + ".lock")
+    fd = _take_lock(out, path, log)
+    if fd is None:
+        yield None
+        return
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()  # while still held: a waiter that opened it finds another inode and retries
+        os.close(fd)
+
+
+def _take_lock(out: Path, path: Path, log) -> int | None:
+    """The descriptor holding `path`'s flock; None where no lock can be had (see output_lock)."""
+    while True:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as err:
+            if err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ExtractError(f"{out}: another process is writing it ({_holder(path)}, holding {path.name}); wait "
+                               "for it to finish, or stop it and rerun with --resume") from None
+        except OSError as err:
+            os.close(fd)
+            if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            if log:
+                log(f"warning: {path.parent}: this filesystem has no file locks ({err.strerror}); nothing stops "
+                    f"a second extraction of {out.name} from writing at the same time")
+            return None
+        if _same_file(fd, path):  # else the holder removed it between our open and our lock: again
+            return fd
+        os.close(fd)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+
+
+def _holder(path: Path) -> str:
+    with contextlib.suppress(OSError):
+        text = path.read_text().strip()
+        if text:
+            return text
+    return "another process"
 
 
 def _runs(rows: np.ndarray):

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from cache.reader import FeatureCache
 from heads.config import HeadConfig
 from heads.msdn import MSDN
-from pipeline.checkpoint import cache_identity, check_compatible, load_checkpoint
+from pipeline.checkpoint import cache_identity, check_compatible, load_checkpoint, load_weights
 from pipeline.engine import build_model
 from pipeline.tasks import Task, benchmark_task, usable_splits
 
@@ -101,7 +101,7 @@ def load_trained(checkpoint: str | Path, cache: FeatureCache, device: torch.devi
     check_compatible(ckpt, cache_identity(cache), checkpoint, cache.path)
     task = benchmark_task(np.asarray(cache.labels), usable_splits(cache)[0], num_classes=int(cache.att.shape[0]))
     model = build_model(HeadConfig.from_dict(ckpt["config"]["head"]), cache, task, device, ckpt["config"]["seed"])
-    model.load_state_dict(ckpt["model"])
+    load_weights(model, ckpt, checkpoint)
     return TrainedHead(model.eval(), task, ckpt)
 
 

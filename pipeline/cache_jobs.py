@@ -1,11 +1,13 @@
 """`msdn cache ...`: the jobs behind the store commands (the CLI only parses options)."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pandas as pd
 
 from cache.reader import CacheError
+from cache.record import RecordError
 from cache.store import FEATURES_FILE, RECORD_FILE, Store, StoreError, human_bytes, store_root
 from cache.transfer import copy_entry, open_store
 from cache.verify import VerifyReport, verify_cache
@@ -25,20 +27,36 @@ def list_entries(store: Store, match: str | None = None, full_keys: bool = False
     dataset = recipe_dataset(match) if match else None
     rows = []
     for key in store.keys():
-        rec = store.record(key)
+        try:
+            rec = store.record(key)
+        except RecordError:  # one row; `msdn cache verify KEY` says what is wrong with it
+            if dataset is None:
+                rows.append({**{c: "?" for c in LS_COLUMNS}, "key": key if full_keys else key[:12],
+                             "dataset": "damaged", "created": "", "complete": "damaged"})
+            continue
         manifest = rec["manifest"]
-        name = manifest.get("dataset", {}).get("name", "?")
+        name = str(_get(manifest, "dataset", "name"))
         if dataset is not None and name.lower() != dataset.lower():
             continue
-        backbone = manifest.get("backbone", {})
         rows.append({"key": key if full_keys else key[:12], "dataset": name,
-                     "backbone": f"{backbone.get('name', '?')}@{backbone.get('image_size', '?')}",
+                     "backbone": f"{_get(manifest, 'backbone', 'name')}@{_get(manifest, 'backbone', 'image_size')}",
                      "size": human_bytes(sum(f["bytes"] for f in rec["files"].values())),
                      "shape": " x ".join(str(x) for x in [rec["rows"], *rec["feature_shape"]]),
-                     "dtype": rec["dtype"], "created": manifest.get("created", rec.get("published", "")),
+                     "dtype": rec["dtype"], "created": str(manifest.get("created", rec.get("published", ""))),
                      "complete": bool(rec["complete"])})
     table = pd.DataFrame(rows, columns=LS_COLUMNS)
     return table.sort_values("created", ascending=False, ignore_index=True)
+
+
+def _get(manifest: dict, *path: str):
+    """manifest[path[0]][path[1]]..., or "?" where a level is missing or not an object (the manifest
+    is free-form: cache/record.py checks only the record's own fields)."""
+    value = manifest
+    for part in path:
+        if not isinstance(value, dict) or part not in value:
+            return "?"
+        value = value[part]
+    return value
 
 
 def recipe_dataset(recipe: str) -> str:
@@ -48,8 +66,9 @@ def recipe_dataset(recipe: str) -> str:
     return load_recipe(recipe).recipe
 
 
-def resolve_cache(value: str | Path, cache_dir: str | None = None) -> Path:
-    """A feature cache named by path, by entry folder, or by store key (or unique key prefix)."""
+def resolve_cache(value: str | Path, cache_dir: str | None = None, *, check_record: bool = True) -> Path:
+    """A feature cache named by path, by entry folder, or by store key (or unique key prefix). A
+    store entry whose record is damaged is refused (unless `check_record` is False: verify reports it)."""
     path = Path(value)
     if path.is_file():
         return path
@@ -61,6 +80,8 @@ def resolve_cache(value: str | Path, cache_dir: str | None = None) -> Path:
                          " (to name a store key, pass --cache-dir or set MSDN_CACHE_DIR)"))
     store = Store(root)
     key = store.resolve(str(value))
+    if check_record:
+        store.record(key)  # a damaged record, or one of another key (a folder renamed by hand), is refused
     store.touch_used(key)
     return store.features_path(key)
 
@@ -72,7 +93,7 @@ def verify(target: str, cache_dir: str | None = None) -> VerifyReport:
         return verify_cache(path)
     if path.is_dir() and (path / RECORD_FILE).is_file():
         return verify_cache(path / FEATURES_FILE)
-    return verify_cache(resolve_cache(target, cache_dir))
+    return verify_cache(resolve_cache(target, cache_dir, check_record=False))
 
 
 def push(key: str, dest: str, cache_dir: str | None = None, log=print) -> str:
@@ -99,20 +120,24 @@ def _other_store(where: str):
 
 
 def export(target: str, dest: str, *, dtype: str | None = None, compression: str | None = None,
-           cache_dir: str | None = None) -> Path:
+           cache_dir: str | None = None, log=None) -> Path:
     from cache.shards import export_cache
 
     source = resolve_cache(target, cache_dir)
     if Path(dest).exists():
         raise CacheError(f"{dest}: exists; choose another file or delete it")
-    return export_cache(source, dest, dtype=dtype, compression=compression)
+    return export_cache(source, dest, dtype=dtype, compression=compression, log=log)
 
 
 def parse_size(text: str) -> int:
-    """'500M', '20G', '1.5T' or bytes -> bytes."""
+    """'500M', '20G', '1.5T' or bytes -> bytes (>= 0; negative, NaN and infinite sizes are refused)."""
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    text = text.strip().upper().removesuffix("B")
+    value = text.strip().upper().removesuffix("B")
+    scale = units.get(value[-1:], 1)
     try:
-        return int(float(text[:-1]) * units[text[-1]]) if text and text[-1] in units else int(text)
+        number = float(value[:-1] if scale > 1 else value)
     except ValueError:
-        raise StoreError(f"{text!r}: not a size (e.g. 500M, 20G)") from None
+        number = math.nan
+    if not math.isfinite(number) or number < 0:
+        raise StoreError(f"{text!r}: not a size >= 0 (e.g. 500M, 20G)")
+    return int(number * scale)

@@ -1,9 +1,20 @@
 """Checkpoints: plain tensors and dicts only (loadable with torch.load(weights_only=True)), tied
-to the cache they were trained on by its content key and class split, written atomically."""
+to the cache they were trained on by its content key and class split, written atomically.
+
+Each checkpoint carries `checksum`: sha256 over its fields (config, cache identity, gamma, iteration,
+metrics, as canonical JSON) and its weights (every tensor's name, dtype, shape and bytes, by sorted
+name), checked on load, so a flipped byte is refused instead of evaluated. Checkpoints written before
+the checksum existed still load, with a warning. Every malformed checkpoint (damaged, crafted, a
+pickle that would run code, not a checkpoint at all) is one CheckpointError line naming the file.
+"""
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import os
+import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +24,10 @@ from pipeline.runlog import to_jsonable
 
 FORMAT = "msdn-zsl-checkpoint"
 VERSION = 1
+CHECKSUM_PREFIX = "sha256:"
+_FIELDS = ("format", "version", "config", "cache", "gamma", "iteration", "metrics")
+_CACHE_FIELDS = {"content_key": str, "num_classes": int, "feature_shape": list, "seen_classes": list,
+                 "unseen_classes": list}
 
 
 class CheckpointError(ValueError):
@@ -47,26 +62,145 @@ def save_checkpoint(path: str | Path, *, model: torch.nn.Module, config: dict, i
         "config": to_jsonable(config), "cache": to_jsonable(identity),
         "gamma": float(gamma), "iteration": int(iteration), "metrics": to_jsonable(metrics or {}),
     }
+    payload["checksum"] = checkpoint_digest(payload)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(payload, tmp)
     os.replace(tmp, path)
     return path
 
 
-def load_checkpoint(path: str | Path) -> dict:
+def checkpoint_digest(payload: dict) -> str:
+    """"sha256:<hex>" over the payload's fields and weights (see the module docstring)."""
+    h = hashlib.sha256()
+    for field in _FIELDS:
+        h.update(json.dumps([field, payload.get(field)], sort_keys=True).encode())
+    for name in sorted(payload["model"]):
+        tensor = payload["model"][name].detach().to("cpu").contiguous()
+        h.update(json.dumps([name, str(tensor.dtype), list(tensor.shape)]).encode())
+        h.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return CHECKSUM_PREFIX + h.hexdigest()
+
+
+def load_checkpoint(path: str | Path, warn=None) -> dict:
+    """The checkpoint at `path`, checked (format, fields, checksum); CheckpointError otherwise.
+    `warn` (default: stderr) hears about a checkpoint without a checksum."""
     path = Path(path)
+    warn = warn or (lambda msg: print(msg, file=sys.stderr))
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for truncated / foreign files
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
+    except Exception as err:  # torch raises several types for truncated / foreign / malicious files
+        raise CheckpointError(_refusal(path, err)) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an msdn-zsl checkpoint (no '{FORMAT}' format tag)")
     if payload.get("version") != VERSION:
         raise CheckpointError(f"{path}: checkpoint version {payload.get('version')} is not supported "
                               f"(this code reads version {VERSION})")
+    _check_fields(payload, path)
+    checksum = payload.get("checksum")
+    try:
+        digest = checkpoint_digest(payload)
+    except (TypeError, ValueError) as err:  # e.g. a crafted config holding a tensor
+        raise CheckpointError(f"{path}: malformed checkpoint: {_first_line(str(err))}") from None
+    if checksum is None:
+        warn(f"warning: {path}: written without a checksum (by an older version), so damage to its weights "
+             "cannot be detected; loading it anyway")
+    elif checksum != digest:
+        raise CheckpointError(f"{path}: its contents do not match its checksum (damaged or edited file); "
+                              "do not use it: train again or restore it from a copy")
     return payload
+
+
+def load_weights(model: torch.nn.Module, checkpoint: dict, path) -> None:
+    """model.load_state_dict(checkpoint["model"]), with names and shapes checked first: a checkpoint
+    that does not fit the model its config builds is one CheckpointError line."""
+    mine = model.state_dict()
+    theirs = checkpoint["model"]
+    missing = [k for k in mine if k not in theirs]
+    extra = [k for k in theirs if k not in mine]
+    if missing or extra:
+        raise CheckpointError(f"{path}: weights do not fit the model its config builds: "
+                              + "; ".join(part for part in (
+                                  f"missing {_names(missing)}" if missing else "",
+                                  f"unexpected {_names(extra)}" if extra else "") if part))
+    for name, tensor in mine.items():
+        if tuple(theirs[name].shape) != tuple(tensor.shape):
+            raise CheckpointError(f"{path}: weight {name} has shape {tuple(theirs[name].shape)}, the model built "
+                                  f"from its config and cache needs {tuple(tensor.shape)}")
+    try:
+        model.load_state_dict(theirs)
+    except RuntimeError as err:  # e.g. a dtype torch cannot copy
+        raise CheckpointError(f"{path}: weights do not load ({_first_line(str(err))})") from None
+
+
+def _check_fields(payload: dict, path: Path) -> None:
+    """Every field the code reads, with its type: a crafted file is one line, not a KeyError."""
+    def bad(what: str):
+        raise CheckpointError(f"{path}: malformed checkpoint: {what}")
+
+    model = payload.get("model")
+    if not isinstance(model, dict) or not model:
+        bad("no 'model' weights")
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in model.items()):
+        bad("'model' must map names to tensors")
+    config = payload.get("config")
+    if not isinstance(config, dict) or not isinstance(config.get("head"), dict) or not _is_int(config.get("seed")):
+        bad("'config' must be an object with 'head' and 'seed'")
+    cache = payload.get("cache")
+    if not isinstance(cache, dict):
+        bad("no 'cache' identity")
+    for key, kind in _CACHE_FIELDS.items():
+        value = cache.get(key)
+        ok = _is_int(value) if kind is int else isinstance(value, kind)
+        if ok and kind is list:
+            ok = all(_is_int(x) for x in value)
+        if not ok:
+            bad(f"cache identity lacks '{key}'" if key not in cache else f"cache identity '{key}' has the wrong type")
+    gamma = payload.get("gamma")
+    if not isinstance(gamma, (int, float)) or isinstance(gamma, bool) or not math.isfinite(gamma):
+        bad("'gamma' must be a finite number")
+    if not _is_int(payload.get("iteration")):
+        bad("'iteration' must be an integer")
+    if not isinstance(payload.get("metrics", {}), dict):
+        bad("'metrics' must be an object")
+    if "checksum" in payload and not isinstance(payload["checksum"], str):
+        bad("'checksum' must be a string")
+    from heads.config import HeadConfig
+    from pipeline.config import TrainConfig
+    try:  # what evaluate and visualize build from it
+        TrainConfig.from_dict(config, where="embedded config")
+        HeadConfig.from_dict(config["head"])
+    except (ValueError, TypeError) as err:
+        bad(_first_line(str(err)))
+
+
+def _refusal(path: Path, err: Exception) -> str:
+    """One line for what torch.load refused. A pickle that would call something is named as such;
+    torch's advice to retry with weights_only=False (which would run it) is not repeated."""
+    text = str(err)
+    called = re.search(r"GLOBAL ([\w.]+)", text)
+    if called:
+        return (f"{path}: refused: loading this file would call {called.group(1)} (a pickle that runs code, "
+                "not plain tensors); do not load it")
+    if "Weights only load failed" in text:
+        detail = re.search(r"(Unsupported operand \d+|WeightsUnpickler error: [^\n]+)", text)
+        return (f"{path}: not a readable checkpoint (not a torch checkpoint of plain tensors, or damaged"
+                + (f": {detail.group(1).strip()}" if detail else "") + ")")
+    return f"{path}: not a readable checkpoint ({type(err).__name__}: {_first_line(text)})"
+
+
+def _first_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[0] if lines else ""
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def check_compatible(checkpoint: dict, identity: dict, checkpoint_path, cache_path) -> None:

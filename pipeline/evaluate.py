@@ -9,7 +9,7 @@ import numpy as np
 from cache.reader import FeatureCache
 from heads.config import HeadConfig
 from heads.runtime import keep_freed_memory
-from pipeline.checkpoint import cache_identity, check_compatible, load_checkpoint
+from pipeline.checkpoint import cache_identity, check_compatible, load_checkpoint, load_weights
 from pipeline.config import TrainConfig
 from pipeline.engine import DivergedError, build_model, evaluate_task, resolve_amp, resolve_device
 from pipeline.runlog import RunLog, write_json_atomic
@@ -44,7 +44,7 @@ def evaluate(checkpoint: str | Path, cache_path: str | Path, *, out_dir: str | P
                                     num_attributes=int(cache.att.shape[1]))
         (log or (lambda message: None))(describe_plan(plan))
         model = build_model(HeadConfig.from_dict(ckpt["config"]["head"]), cache, task, device, config.seed)
-        model.load_state_dict(ckpt["model"])
+        load_weights(model, ckpt, checkpoint)
         try:
             report = evaluate_task(model, store, task, labels, gamma=gamma, batch_size=batch_size, amp=amp,
                                    with_curve=True)

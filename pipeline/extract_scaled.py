@@ -24,7 +24,7 @@ from extract.reuse import ReuseError
 from pipeline.extract_job import ExtractOptions, build_inputs
 
 # Files a finished staging folder may still hold from an earlier, different attempt.
-_LEFTOVER_SUFFIXES = (".partial", ".creating", ".joining", ".recovering")
+_LEFTOVER_SUFFIXES = (".partial", ".creating", ".joining", ".recovering", ".lock")
 
 
 def uses_store(options: ExtractOptions, cache_dir: str | None) -> bool:

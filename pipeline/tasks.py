@@ -51,6 +51,9 @@ def usable_splits(cache) -> tuple[dict, int]:
 def benchmark_task(labels: np.ndarray, splits: dict, num_classes: int) -> Task:
     seen = np.unique(labels[splits["trainval_loc"]])
     unseen = np.unique(labels[splits["test_unseen_loc"]])
+    if np.intersect1d(seen, unseen).size:
+        raise CacheError(f"classes {np.intersect1d(seen, unseen)[:10].tolist()} are both seen (trainval_loc) and "
+                         "unseen (test_unseen_loc); zero-shot splits must keep them apart")
     return Task("test", np.arange(num_classes), seen, unseen, np.sort(splits["trainval_loc"]),
                 np.sort(splits["test_seen_loc"]), np.sort(splits["test_unseen_loc"]),
                 note="xlsa17 trainval -> test_seen / test_unseen")

@@ -146,6 +146,30 @@ def test_bad_keys_and_shapes_name_the_file(transzero_file, breakage, message):
     assert str(transzero_file) in str(err.value)
 
 
+def test_a_transposed_att_without_word_vectors_is_refused(transzero_file, arrays):
+    """(attributes, classes) instead of (classes, attributes): 5 x 4 would read as 5 classes of 4
+    attributes, although the labels name 4 classes."""
+    with h5py.File(transzero_file, "r+") as f:
+        for key in ("att", "original_att"):
+            data = f[key][()]
+            del f[key]
+            f.create_dataset(key, data=data.T)
+        del f["w2v_att"]
+    with pytest.raises(CacheError, match=r"att has shape \(5, 4\) but the labels name 4 classes.*transposed") as err:
+        FeatureCache(transzero_file)
+    assert str(transzero_file) in str(err.value)
+
+
+def test_overlapping_seen_and_unseen_classes_are_refused(transzero_file):
+    with h5py.File(transzero_file, "r+") as f:
+        unseen = f["test_unseen_loc"][()]
+        del f["test_unseen_loc"]
+        f.create_dataset("test_unseen_loc", data=np.r_[unseen, [0, 3]])   # rows of seen classes 0 and 1
+    with pytest.raises(CacheError, match=r"classes \[0, 1\] are both seen \(trainval_loc\) and unseen") as err:
+        FeatureCache(transzero_file)
+    assert str(transzero_file) in str(err.value)
+
+
 def test_truncated_and_non_hdf5_files_are_detected(tmp_path, transzero_file):
     data = transzero_file.read_bytes()
     truncated = tmp_path / "truncated.h5"

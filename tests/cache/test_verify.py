@@ -99,3 +99,31 @@ def test_a_missing_shard_of_a_virtual_cache_is_named(tmp_path):
     report = verify_cache(joined)
     assert report.verdict == "corrupt" and any("shard file missing" in p for p in report.file_problems)
     assert report.corrupt_rows == [4, 5, 6, 7]    # HDF5 reads zeros there; the checksums say so
+
+
+def _replace(f, key, data):
+    del f[key]
+    f.create_dataset(key, data=data)
+
+
+@pytest.mark.parametrize("breakage,message", [
+    (lambda f: f.__delitem__("labels"), "missing key(s) ['labels']"),
+    (lambda f: _replace(f, "feature_map", f["feature_map"][:, 0]), "feature_map has shape (8, 2, 2)"),
+    (lambda f: _replace(f, "labels", f["labels"][()] + 10), "outside the 4 classes of att"),
+    (lambda f: _replace(f, "test_unseen_loc", np.r_[f["test_unseen_loc"][()], f["trainval_loc"][:1]]),
+     "are both seen (trainval_loc) and unseen (test_unseen_loc)"),
+    (lambda f: (_replace(f, "att", f["att"][()].T), _replace(f, "original_att", f["original_att"][()].T),
+                f.__delitem__("w2v_att")), "looks transposed"),
+])
+def test_a_file_training_would_refuse_is_not_ok(pristine, tmp_path, breakage, message):
+    path = tmp_path / "f.h5"
+    shutil.copyfile(pristine["lzf"], path)
+    with h5py.File(path, "r+") as f:
+        breakage(f)
+    report = verify_cache(path)
+    assert report.verdict == "unusable" and report.exit_code == 1
+    code, out = verify_cli(path)
+    lines = out.strip().splitlines()
+    assert code == 1 and len(lines) == 1, out
+    assert lines[0].startswith(f"{path}: NOT USABLE for training: ") and message in lines[0]
+    assert "Traceback" not in out

@@ -1,5 +1,6 @@
 """The extraction engine in process, on small real JPEG folders and the real EfficientNet-Lite0."""
 import dataclasses
+import os
 
 import h5py
 import numpy as np
@@ -12,6 +13,7 @@ from cache.reader import FeatureCache
 from extract.backbones import BackboneSpec, build_backbone, build_transform
 from extract.datasets.base import DatasetError
 from extract.engine import ExtractError, extract_features
+from extract.writer import output_lock
 from tests.extract.engine_data import image_dataset, write_jpeg
 
 SPEC = BackboneSpec("efficientnet_lite0", 96, "imagenet")   # 3 x 3 grid: real weights, cheap
@@ -140,6 +142,37 @@ def test_skip_bad_records_skipped_rows_and_resume_fills_them(tiny, tmp_path):
     with FeatureCache(out) as fixed, FeatureCache(clean) as reference:
         assert fixed.complete and not fixed.skipped.any()
         assert torch.equal(fixed.features(), reference.features())
+
+
+def test_skipped_rows_are_left_out_of_the_split_locations_until_resume_fills_them(tiny, tmp_path):
+    """TransZero/MSDN's own loaders read trainval_loc & co. as they are: a skipped row there would
+    train them on an all-zero map."""
+    good = {r: (tiny.root / tiny.image_paths[r]).read_bytes() for r in (4, 6)}
+    _break_images(tiny)
+    out, logs = run(tiny, tmp_path / "f.h5", skip_bad=True)
+    with h5py.File(out, "r") as f:                                   # as their loaders see the file
+        locations = {k: f[k][()].tolist() for k in ("trainval_loc", "test_seen_loc", "test_unseen_loc",
+                                                     "train_loc", "val_loc")}
+    expected = {k: [r for r in v.tolist() if r not in (4, 6)] for k, v in tiny.splits.items()}
+    assert locations == expected and expected["trainval_loc"] != tiny.splits["trainval_loc"].tolist()
+    said = [line for line in logs if "left out of the split locations" in line]
+    assert len(said) == 1 and "2 unreadable image(s)" in said[0] and "trainval_loc 1" in said[0], logs
+    for r, data in good.items():
+        (tiny.root / tiny.image_paths[r]).write_bytes(data)
+    run(tiny, out, resume=True)
+    with h5py.File(out, "r") as f:                                   # filled rows are back in their splits
+        assert {k: f[k][()].tolist() for k in locations} == {k: v.tolist() for k, v in tiny.splits.items()}
+
+
+def test_an_output_another_extraction_holds_is_refused_with_or_without_resume(tiny, tmp_path):
+    out = tmp_path / "f.h5"
+    with output_lock(out):                       # as a running extraction holds it
+        for resume in (False, True):
+            with pytest.raises(ExtractError, match=rf"{out}: another process is writing it \(pid {os.getpid()} on "):
+                run(tiny, out, resume=resume)
+        assert not partial_path(out).exists()    # refused before touching anything
+    path, _ = run(tiny, out)                     # free again: the extraction runs
+    assert path == out and out.exists() and not out.with_name("f.h5.lock").exists()
 
 
 def test_image_replaced_after_extraction_is_noticed_and_resume_redoes_only_that_row(tiny, tmp_path):

@@ -177,3 +177,55 @@ def test_bad_image_via_cli_names_the_file(data_root, shared_data, tmp_path):
             assert np.flatnonzero(cache.skipped).tolist() == [3] and cache.done.sum() == 39
     finally:
         victim.write_bytes(original)
+
+
+def test_skip_bad_speaks_on_stderr_and_keeps_skipped_rows_out_of_the_splits(data_root, shared_data, tmp_path):
+    victim = sorted((data_root / "cub100_subset" / "images").rglob("*.jpg"))[3]
+    original = victim.read_bytes()
+    try:
+        victim.write_bytes(original[: len(original) // 3])
+        result = run_cli(cli_args(data_root, shared_data, tmp_path / "y.h5", "--skip-bad", size=64))
+    finally:
+        victim.write_bytes(original)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""                                       # stdout stays clean for pipes
+    assert f"skipped {victim}" in result.stderr and "1 unreadable image(s)" in result.stderr
+    assert "left out of the split locations" in result.stderr
+    with h5py.File(tmp_path / "y.h5", "r") as f:
+        assert all(3 not in f[k][()] for k in ("trainval_loc", "test_seen_loc", "test_unseen_loc"))
+
+
+def test_a_second_extraction_of_the_same_out_is_refused_while_the_first_runs(data_root, shared_data, tmp_path):
+    """Two real processes: the second, with --resume or without, refuses in one line and leaves the
+    first one's live partial file alone; once the first is gone its lock can be taken."""
+    out = tmp_path / "cub.h5"
+    args = cli_args(data_root, shared_data, out, size=64)
+    first = subprocess.Popen([sys.executable, "cli.py", *args], cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "MSDN_EXTRACT_THROTTLE_S": "60"})  # killed long before the end
+    try:
+        deadline = time.time() + 300
+        while done_rows(partial_path(out)) < 2:
+            assert first.poll() is None, first.communicate()
+            assert time.time() < deadline, "the first extraction made no progress"
+            time.sleep(0.1)
+        inode = partial_path(out).stat().st_ino
+        for extra in ([], ["--resume"]):
+            second = run_cli([*args, *extra])
+            lines = second.stderr.strip().splitlines()
+            assert second.returncode == 1 and len(lines) == 1, second.stderr
+            assert lines[0].startswith(f"Error: {out}: another process is writing it (pid {first.pid} on ")
+            assert first.poll() is None                               # the first one goes on...
+            assert partial_path(out).stat().st_ino == inode           # ...on its own file, untouched
+        before = done_rows(partial_path(out))
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait(timeout=60)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert before >= 2 and not out.exists()
+    from extract.writer import output_lock
+    with output_lock(out) as lock:                                    # a killed writer's lock is free
+        assert lock == out.with_name("cub.h5.lock") and "pid" in lock.read_text()
+    assert not out.with_name("cub.h5.lock").exists()                  # and removed when released

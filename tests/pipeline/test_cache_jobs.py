@@ -102,3 +102,25 @@ def test_export_materialises_a_virtual_cache(tmp_path):
     with FeatureCache(tmp_path / "one.h5") as one:
         assert not one.file["feature_map"].is_virtual and one.complete
         assert verify_cache(tmp_path / "one.h5").verdict == "ok"
+
+
+def test_export_leaves_skipped_rows_out_of_the_locations(tmp_path):
+    """A file written before skipped rows were left out of its splits: the export leaves them out
+    and says how many; an unfinished extraction is not exported."""
+    dataset = image_dataset(tmp_path / "images", n=8)
+    path = extract_tiny(tmp_path / "src")
+    with h5py.File(path, "r+") as f:                 # rows 4 and 6 skipped, still in the splits
+        for row in (4, 6):
+            f["done"][row], f["skipped"][row] = False, True
+    result = CliRunner().invoke(cli.main, ["cache", "export", str(path), str(tmp_path / "out.h5")])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == str(tmp_path / "out.h5")
+    assert "2 skipped row(s) left out of the split locations" in result.stderr
+    with h5py.File(tmp_path / "out.h5", "r") as f:
+        for key, rows in dataset.splits.items():
+            assert f[key][()].tolist() == [r for r in rows.tolist() if r not in (4, 6)]
+    with h5py.File(path, "r+") as f:
+        f["skipped"][6] = False                      # row 6: not extracted yet
+    unfinished = CliRunner().invoke(cli.main, ["cache", "export", str(path), str(tmp_path / "out2.h5")])
+    assert unfinished.exit_code == 1 and "not extracted yet" in unfinished.output
+    assert not (tmp_path / "out2.h5").exists()

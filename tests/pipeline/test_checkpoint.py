@@ -1,10 +1,17 @@
+import os
+import re
+import struct
+import zipfile
+
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
+import cli
 from cache.reader import FeatureCache
-from pipeline.checkpoint import (CheckpointError, cache_identity, check_compatible, load_checkpoint,
-                                 save_checkpoint)
+from pipeline.checkpoint import (CheckpointError, cache_identity, check_compatible, checkpoint_digest,
+                                 load_checkpoint, save_checkpoint)
 from pipeline.engine import build_model
 from pipeline.tasks import benchmark_task
 
@@ -78,3 +85,150 @@ def test_unreadable_files_give_one_clear_error(tmp_path):
     torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
     with pytest.raises(CheckpointError, match="not an msdn-zsl checkpoint"):
         load_checkpoint(tmp_path / "foreign.pt")
+
+
+# ----------------------------------------------------------------------------- damaged and crafted files
+def _saved(tiny_cache, path):
+    config, model, identity, *_ = _model_and_identity(tiny_cache)
+    with torch.no_grad():
+        model.W_1_1.normal_()
+    return save_checkpoint(path, model=model, config=config.to_dict(), identity=identity, gamma=0.5, iteration=3)
+
+
+def _member_data(path, suffix):
+    """(offset, size) of the bytes of the zip member whose name ends with `suffix` (stored, uncompressed)."""
+    with zipfile.ZipFile(path) as z:
+        info = max((i for i in z.infolist() if i.filename.endswith(suffix)), key=lambda i: i.file_size)
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        header = f.read(30)
+    name_len, extra_len = struct.unpack("<HH", header[26:30])
+    return info.header_offset + 30 + name_len + extra_len, info.file_size
+
+
+def _craft(path, payload, *, checksum=True):
+    """A checkpoint a stranger made: any payload, with a matching checksum when asked."""
+    if checksum:
+        payload["checksum"] = checkpoint_digest(payload)
+    else:
+        payload.pop("checksum", None)
+    torch.save(payload, path)
+    return path
+
+
+def _evaluate_cli(checkpoint, cache):
+    result = CliRunner().invoke(cli.main, ["evaluate", "--checkpoint", str(checkpoint), "--cache", str(cache),
+                                           "--device", "cpu"])
+    # evaluate states its memory plan ("features: resident ...") before it loads the weights
+    lines = [line for line in result.output.strip().splitlines() if not line.startswith("features: ")]
+    return result.exit_code, lines, result
+
+
+def test_six_flipped_bytes_in_the_weights_are_refused(tiny_cache, tmp_path):
+    path = _saved(tiny_cache, tmp_path / "best.pt")
+    offset, size = _largest_storage(path)
+    for k in range(6):
+        flip = offset + size // 3 + 11 * k
+        data = bytearray(path.read_bytes())
+        data[flip] ^= 0x5A
+        path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"best\.pt: its contents do not match its checksum"):
+        load_checkpoint(path)
+    code, lines, _ = _evaluate_cli(path, tiny_cache)
+    assert code == 1 and len(lines) == 1 and "checksum" in lines[0] and "best.pt" in lines[0]
+
+
+def _largest_storage(path):
+    with zipfile.ZipFile(path) as z:
+        name = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size).filename
+    return _member_data(path, name)
+
+
+def test_an_edited_field_is_refused_too(tiny_cache, tmp_path):
+    path = _saved(tiny_cache, tmp_path / "best.pt")
+    payload = torch.load(path, weights_only=True)
+    payload["gamma"] = 0.75                      # edited without updating the checksum
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match="do not match its checksum"):
+        load_checkpoint(path)
+
+
+def test_a_checkpoint_without_a_checksum_loads_with_a_warning(tiny_cache, tmp_path):
+    path = _saved(tiny_cache, tmp_path / "old.pt")
+    _craft(path, torch.load(path, weights_only=True), checksum=False)   # as older versions wrote them
+    warnings = []
+    ckpt = load_checkpoint(path, warn=warnings.append)
+    assert ckpt["iteration"] == 3 and len(warnings) == 1
+    assert "old.pt" in warnings[0] and "without a checksum" in warnings[0]
+
+
+@pytest.mark.parametrize("craft,message", [
+    (lambda p: p.pop("model"), "no 'model' weights"),
+    (lambda p: p.update(model={}), "no 'model' weights"),
+    (lambda p: p.update(model={"W_1_1": [1, 2]}), "'model' must map names to tensors"),
+    (lambda p: p["cache"].pop("content_key"), "cache identity lacks 'content_key'"),
+    (lambda p: p.pop("cache"), "no 'cache' identity"),
+    (lambda p: p["cache"].update(seen_classes="0-19"), "'seen_classes' has the wrong type"),
+    (lambda p: p.update(gamma=float("nan")), "'gamma' must be a finite number"),
+    (lambda p: p.pop("iteration"), "'iteration' must be an integer"),
+    (lambda p: p["config"].pop("head"), "'config' must be an object with 'head'"),
+    (lambda p: p["config"]["head"].update(bogus=1), "unknown"),
+])
+@pytest.mark.parametrize("with_checksum", [True, False])
+def test_a_crafted_checkpoint_is_one_line(tiny_cache, tmp_path, craft, message, with_checksum):
+    payload = torch.load(_saved(tiny_cache, tmp_path / "x.pt"), weights_only=True)
+    craft(payload)
+    path = _craft(tmp_path / "crafted.pt", payload, checksum=with_checksum and "model" in payload
+                  and all(isinstance(v, torch.Tensor) for v in payload["model"].values()))
+    with pytest.raises(CheckpointError, match=r"crafted\.pt: malformed checkpoint: .*" + re.escape(message)):
+        load_checkpoint(path, warn=lambda m: None)
+    code, lines, result = _evaluate_cli(path, tiny_cache)
+    errors = [line for line in lines if line.startswith("Error:")]
+    assert code == 1 and len(errors) == 1 and "crafted.pt" in errors[0] and result.exc_info[0] is SystemExit
+
+
+def test_weights_of_the_wrong_shape_are_one_line(tiny_cache, tmp_path):
+    payload = torch.load(_saved(tiny_cache, tmp_path / "x.pt"), weights_only=True)
+    payload["model"]["W_1_1"] = torch.zeros(3, 5)
+    path = _craft(tmp_path / "shapes.pt", payload)
+    load_checkpoint(path)                               # well-formed: the shapes only show against a model
+    code, lines, result = _evaluate_cli(path, tiny_cache)
+    assert code == 1 and len(lines) == 1 and result.exc_info[0] is SystemExit, result.output
+    assert "shapes.pt: weight W_1_1 has shape (3, 5)" in lines[0]
+    del payload["model"]["W_1_1"]
+    payload["model"]["stray"] = torch.zeros(1)
+    code, lines, _ = _evaluate_cli(_craft(tmp_path / "names.pt", payload), tiny_cache)
+    assert code == 1 and len(lines) == 1 and "missing W_1_1" in lines[0] and "unexpected stray" in lines[0]
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_pickle_that_would_run_code_is_refused_naming_the_call(tiny_cache, tmp_path):
+    marker = tmp_path / "ran"
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "msdn-zsl-checkpoint", "version": 1, "model": _RunsCode(marker)}, path)
+    with pytest.raises(CheckpointError) as refused:
+        load_checkpoint(path)
+    message = str(refused.value)
+    assert message.startswith(f"{path}: refused: loading this file would call ") and "system" in message
+    assert "do not load it" in message and "weights_only" not in message and "\n" not in message
+    assert not marker.exists()
+    code, lines, _ = _evaluate_cli(path, tiny_cache)
+    assert code == 1 and len(lines) == 1 and "would call" in lines[0] and "weights_only" not in lines[0]
+    assert not marker.exists()
+
+
+def test_files_that_are_no_checkpoint_at_all_are_one_line(tmp_path):
+    for name, data in (("text.pt", b"just some text\n"), ("empty.pt", b""), ("zip.pt", b"PK\x03\x04broken"),
+                       ("random.pt", bytes(range(256)) * 8)):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(CheckpointError) as refused:
+            load_checkpoint(tmp_path / name)
+        message = str(refused.value)
+        assert message.startswith(f"{tmp_path / name}: ") and "\n" not in message and "weights_only" not in message

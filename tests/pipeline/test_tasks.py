@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from cache.reader import FeatureCache
+from cache.reader import CacheError, FeatureCache
 from pipeline.tasks import benchmark_task, validation_task
 
 from .conftest import write_tiny_cache
@@ -12,6 +12,14 @@ def test_benchmark_task_is_the_xlsa17_split(tiny_cache):
         task = benchmark_task(c.labels, c.splits, num_classes=24)
     assert task.seen.tolist() == list(range(20)) and task.unseen.tolist() == [20, 21, 22, 23]
     assert len(task.train_rows) == 80 and len(task.eval_seen_rows) == 40 and len(task.eval_unseen_rows) == 24
+
+
+def test_overlapping_seen_and_unseen_classes_are_refused(tiny_cache):
+    with FeatureCache(tiny_cache) as c:
+        labels, splits = c.labels, dict(c.splits)
+    splits["test_unseen_loc"] = np.r_[splits["test_unseen_loc"], splits["trainval_loc"][:1]]   # a seen class
+    with pytest.raises(CacheError, match=r"classes \[0\] are both seen \(trainval_loc\) and unseen"):
+        benchmark_task(labels, splits, num_classes=24)
 
 
 def test_validation_task_never_touches_test_images(tiny_cache):
