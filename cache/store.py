@@ -35,6 +35,7 @@ import zlib
 from datetime import datetime, timezone
 from pathlib import Path
 
+from cache.locks import lock_holder, same_file
 from cache.reader import CacheError
 from cache.record import (FEATURES_FILE, RECORD_FORMAT, RecordError, check_file_name, check_files, inside,
                           parse_record)
@@ -159,13 +160,13 @@ class Store:
                 if _try_flock(fd, path):
                     # gc may have unlinked the file between our open and our lock: then the lock
                     # guards nothing, so take it again on the current file.
-                    if _same_file(fd, path):
+                    if same_file(fd, path):
                         break
                 elif deadline is not None and time.monotonic() > deadline:
-                    raise LockBusy(f"{path}: still locked after {timeout:.0f}s by {_holder(path)}")
+                    raise LockBusy(f"{path}: still locked after {timeout:.0f}s by {lock_holder(path)}")
                 else:
                     if not said and log:
-                        log(f"waiting for {_holder(path)}, which is building entry {key[:12]}... ({path})")
+                        log(f"waiting for {lock_holder(path)}, which is building entry {key[:12]}... ({path})")
                         said = True
                     time.sleep(0.2)
             except BaseException:
@@ -251,23 +252,6 @@ def _try_flock(fd: int, path: Path) -> bool:
                              "mount it with locking enabled (NFS: lockd / no 'nolock'; Lustre: 'flock') "
                              "or use a store on a local disk") from None
         raise
-
-
-def _same_file(fd: int, path: Path) -> bool:
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return False
-    mine = os.fstat(fd)
-    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
-
-
-def _holder(path: Path) -> str:
-    with contextlib.suppress(OSError):
-        text = path.read_text().strip()
-        if text:
-            return text
-    return "another process"
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from cache.locks import lock_holder, same_file
 from cache.layout import (CONTENT_KEY_ATTR, DONE, FEATURES, LIBVER, ROW_CRC32, SKIPPED, is_writer_flag_error,
                           row_crc32)
 from extract.chunk_codec import ChunkCodec
@@ -144,7 +145,7 @@ def _take_lock(out: Path, path: Path, log) -> int | None:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise ExtractError(f"{out}: another process is writing it ({_holder(path)}, holding {path.name}); wait "
+            raise ExtractError(f"{out}: another process is writing it ({lock_holder(path)}, holding {path.name}); wait "
                                "for it to finish, or stop it and rerun with --resume") from None
         except OSError as err:
             os.close(fd)
@@ -154,26 +155,9 @@ def _take_lock(out: Path, path: Path, log) -> int | None:
                 log(f"warning: {path.parent}: this filesystem has no file locks ({err.strerror}); nothing stops "
                     f"a second extraction of {out.name} from writing at the same time")
             return None
-        if _same_file(fd, path):  # else the holder removed it between our open and our lock: again
+        if same_file(fd, path):  # else the holder removed it between our open and our lock: again
             return fd
         os.close(fd)
-
-
-def _same_file(fd: int, path: Path) -> bool:
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return False
-    mine = os.fstat(fd)
-    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
-
-
-def _holder(path: Path) -> str:
-    with contextlib.suppress(OSError):
-        text = path.read_text().strip()
-        if text:
-            return text
-    return "another process"
 
 
 def _runs(rows: np.ndarray):
