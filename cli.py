@@ -123,7 +123,7 @@ def main() -> None:
               help="CUB, SUN, AWA2, AWA1, APY, FLO (xlsa17), CUB100 (CUB-style folder) or demo.")
 @click.option("--out", default=None, type=click.Path(dir_okay=False),
               help="Feature cache to write [default: <dataset>_<backbone>_<size>.h5].")
-@click.option("--data-root", default=None, help="Data folder [default: ./data; CUB100: the shared data folder].")
+@click.option("--data-root", default=None, help="Data folder [default: ./data; CUB100: the test-data folder, $MSDN_SHARED_DATA].")
 @click.option("--xlsa17-root", default=None, help="Folder with <DS>/att_splits.mat [default: <data-root>/xlsa17].")
 @click.option("--w2v-root", default=None, help="Folder with <DS>_attribute.pkl [default: <data-root>/attribute_w2v].")
 @click.option("--backbone", default="resnet101", show_default=True,

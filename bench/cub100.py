@@ -9,7 +9,7 @@ results from the run folders' summary.json:
     msdn baseline --cache <cache> --out <work>/eszsl_S
 An up-to-date cache is not extracted again (msdn extract checks its content key), so its time is
 then only the check; pass --cache to reuse a cache made elsewhere. Results are "CUB-100,
-EfficientNet-Lite0": never comparable to the paper's CUB numbers (SPEC.md §9).
+EfficientNet-Lite0": never comparable to the paper's CUB numbers (docs/method.md).
 """
 from __future__ import annotations
 

@@ -102,7 +102,7 @@ def timed(fn, device: torch.device, repeat: int = 1, clock: str = "wall") -> flo
     return (now() - start) / repeat
 
 
-def rmsprop(params):  # the CUB recipe's optimiser (SPEC.md §6)
+def rmsprop(params):  # the CUB recipe's optimiser (docs/method.md, "Recipes")
     return torch.optim.RMSprop([p for p in params if p.requires_grad], lr=1e-4, alpha=0.99,
                                eps=1e-8, weight_decay=1e-4, momentum=0.9)
 

@@ -1,4 +1,4 @@
-"""Frozen ImageNet backbones that turn images into region feature maps (stage 1, SPEC.md §3).
+"""Frozen ImageNet backbones that turn images into region feature maps (stage 1).
 
 - `resnet101`: torchvision ResNet101 `IMAGENET1K_V1`, output of `layer4` before pooling
   (2048 x 14 x 14 at 448 px, as MSDN/TransZero; 2048 x 7 x 7 at 224 px, as DAZLE).

@@ -1,4 +1,4 @@
-"""Stream a dataset's images through a frozen backbone into one HDF5 feature cache (SPEC.md §1, §2.4).
+"""Stream a dataset's images through a frozen backbone into one HDF5 feature cache (docs/method.md).
 
     extract_features(dataset, spec, "cub.h5")
 

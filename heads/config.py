@@ -1,4 +1,4 @@
-"""Hyper-parameters of the MSDN++ heads (SPEC.md §4-5) as one plain dataclass."""
+"""Hyper-parameters of the MSDN++ heads (docs/method.md) as one plain dataclass."""
 from __future__ import annotations
 
 import math
@@ -12,7 +12,7 @@ CAUSAL_CLASSES = ("all", "seen")         # seen: the effect's cross-entropy over
 CAUSAL_LEVELS = ("class", "attribute", "both")
 DISTILLS = ("released", "paper")
 # "attributes": project the features with the stacked (4A, f) matrix; "embedding": project with the
-# stacked (4D, f) weights first and apply V after; "auto" picks the route with fewer FLOPs (SPEC
+# stacked (4D, f) weights first and apply V after; "auto" picks the route with fewer FLOPs (the xlsa17
 # datasets: CUB/SUN/AWA2 take "attributes", FLO with its 1024 attributes takes "embedding").
 MATMUL_ROUTES = ("auto", "attributes", "embedding")
 

@@ -1,4 +1,4 @@
-"""Counterfactual attention for the causal intervention of MSDN++ (SPEC.md §5, after CAL).
+"""Counterfactual attention for the causal intervention of MSDN++ (docs/method.md, after CAL).
 
 The learned attention is replaced by a counterfactual one while the region scores stay the same;
 training the difference ("effect") rewards attention that beats the counterfactual. The functions

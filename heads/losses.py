@@ -1,4 +1,4 @@
-"""Losses of MSDN (SPEC.md §4) and MSDN++ (§5) as plain functions of score tensors.
+"""Losses of MSDN and MSDN++ (docs/method.md) as plain functions of score tensors.
 
 Scores are (..., B, C): a leading axis may stack the two sub-nets so that one kernel serves both
 (fewer, larger ops: what both a GPU and a busy CPU want); each function then returns one value per

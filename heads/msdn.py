@@ -1,4 +1,4 @@
-"""MSDN++ heads (SPEC.md §4-5): attribute→visual (AVA) and visual→attribute (VAA) attention
+"""MSDN++ heads (docs/method.md): attribute→visual (AVA) and visual→attribute (VAA) attention
 sub-nets over cached region features, with semantic distillation and causal attention.
 
 Speed by design. Every attribute x region product of both sub-nets is an entry of the stacked

@@ -1,4 +1,4 @@
-"""A deliberately straightforward MSDN (SPEC.md §4), written the obvious way: one einsum per
+"""A deliberately straightforward MSDN (docs/method.md), written the obvious way: one einsum per
 product and per sub-net, softmax-then-log losses, float32 only. It is the oracle the fused head
 (heads/msdn.py) is tested against and the speed baseline of bench/train.py. Not for training.
 """

@@ -1,5 +1,5 @@
 """Region features in the layout the head's GEMM wants: one row per region, (B*R, f), each row
-L2-normalised over channels (SPEC.md §2.3).
+L2-normalised over channels (docs/method.md).
 
 `prepare_regions` converts a batch of feature maps (one transposing copy). `RegionBank` does that
 once for a whole cache and keeps the result resident (CPU RAM or GPU memory), so a training batch

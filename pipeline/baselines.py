@@ -8,7 +8,7 @@ has the closed form  V = (X X^T + gamma I)^-1 X Y S^T (S S^T + lambda I)^-1  (d,
 image x scores class c as x^T V s_c. Arrays here hold one image per ROW, i.e. `features` = X^T.
 
 Features are the backbone's maps averaged over the grid (global average pooling), L2-normalised per
-image by default (like the heads' region features, SPEC.md §2.3); class attributes are the cache's
+image by default (like the heads' region features, docs/method.md); class attributes are the cache's
 `att` (rows L2-normalised). The two regularisers are chosen on the validation task (validation
 classes play unseen; pipeline/tasks.py) by validation H at its best calibration gamma, then AUSUC;
 that calibration gamma is the one applied to the test split, which is evaluated once.

@@ -23,7 +23,7 @@ WEIGHT_KEY = "lambda_causal"
 
 def causal_variants() -> dict[str, Ablation]:
     """The readings of the causal attention under test; the grid sets lambda_causal on all but MSDN.
-    Each changes one switch of the SPEC reading ("cal"), so a difference names its cause."""
+    Each changes one switch of the first reading ("cal"), so a difference names its cause."""
     return {
         BASELINE: Ablation("MSDN: no causal term (lambda_causal = 0)", {"lambda_causal": 0.0}),
         "cal": Ablation("CAL reading: CE of the class-score effect over all classes, random counterfactual, "

@@ -1,4 +1,4 @@
-"""ZSL / GZSL metrics (SPEC.md §7): per-class accuracy, calibrated stacking, seen-unseen curve, AUSUC.
+"""ZSL / GZSL metrics (docs/method.md): per-class accuracy, calibrated stacking, seen-unseen curve, AUSUC.
 
 Scores are (N, C) over the model's whole class axis; `seen` / `unseen` are class indices into it.
 Accuracies are fractions in [0, 1]. Everything accepts torch tensors (any device) or numpy arrays;

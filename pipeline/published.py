@@ -1,10 +1,10 @@
-"""Published numbers (SPEC.md §8), as data: ZSL top-1 and GZSL U, S, H in %, on the xlsa17
+"""Published numbers (docs/method.md), as data: ZSL top-1 and GZSL U, S, H in %, on the xlsa17
 proposed split with ResNet101 features. Shown beside our runs only where the dataset and the
 backbone match; a blank is a number the paper (or its abstract) does not give."""
 from __future__ import annotations
 
 BACKBONE = "resnet101"
-SOURCE = "SPEC.md §8 (ResNet101 features; ZSL top-1 / GZSL U, S, H in %)"
+SOURCE = "the papers, as listed in docs/method.md (ResNet101 features; ZSL top-1 / GZSL U, S, H in %)"
 METRICS = ("ZSL", "U", "S", "H")
 
 

@@ -1,7 +1,7 @@
 """The one in-memory description of a ZSL image dataset that every adapter returns.
 
 Row order is the cache's row order: `image_paths[i]`, `labels[i]` and every `*_loc` index refer to
-the same row i of `feature_map` in the HDF5 cache (SPEC.md §2.4).
+the same row i of `feature_map` in the HDF5 cache (cache/layout.py).
 """
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
-"""CUB-style image folders with an xlsa17 seen/unseen split, e.g. shared/data/cub100_subset ("CUB100").
+"""CUB-style image folders with an xlsa17 seen/unseen split, e.g. the CUB-100 test-data subset ("CUB100").
 
 Files in `root`: images.txt, image_class_labels.txt, classes.txt, train_test_split.txt (space- or
 comma-separated), images/<path in images.txt>, and a split JSON (default `zsl_split_xlsa17_PS.json`)
 with `seen_subset_class_ids`, `unseen_subset_class_ids` and `subset_to_xlsa17_class_index`: the
-latter picks each folder class's column of CUB's xlsa17 `att`. Protocol (SPEC.md §9): trainval =
+latter picks each folder class's column of CUB's xlsa17 `att`. Protocol (docs/method.md): trainval =
 seen-class images with flag 1, test_seen = seen-class images with flag 0, test_unseen = every
 unseen-class image; train/val = seen classes with a fixed part held out as pseudo-unseen.
 """

@@ -1,4 +1,4 @@
-"""xlsa17 benchmarks (CUB, SUN, AWA2, AWA1, APY, FLO; "proposed split", SPEC.md §2.1).
+"""xlsa17 benchmarks (CUB, SUN, AWA2, AWA1, APY, FLO; "proposed split", docs/method.md).
 
 Class order, attributes and locations come from `<xlsa17_root>/<DS>/att_splits.mat`. The image list
 (order + labels) comes from the first source found, in this order (or the one named by
@@ -28,7 +28,7 @@ from .xlsa17_files import (AttSplits, load_att_splits, load_mat, load_semantics,
 
 XLSA17_DATASETS = ("CUB", "SUN", "AWA2", "AWA1", "APY", "FLO")
 IMAGE_SOURCES = ("auto", "res101", "image_index", "cub_index")
-# First folder of the kept relative path in res101.mat's absolute server paths (SPEC.md §2.1).
+# First folder of the kept relative path in res101.mat's absolute server paths (docs/method.md).
 SERVER_PATH_ANCHORS = {"CUB": "CUB_200_2011/images/", "SUN": "images/", "AWA2": "Animals_with_Attributes2/"}
 
 

@@ -1,4 +1,4 @@
-"""Readers for the xlsa17 split files and the attribute word vectors (SPEC.md §2.1-2.2)."""
+"""Readers for the xlsa17 split files and the attribute word vectors (docs/method.md)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -12,7 +12,7 @@ from .base import DatasetError
 LOCATION_KEYS = ("trainval_loc", "test_seen_loc", "test_unseen_loc", "train_loc", "val_loc")
 # AWA1 has the same 85 predicates (identical att matrix) as AWA2, so AWA2's word vectors apply.
 W2V_NAMES = {"AWA1": ["AWA1", "AWA2"]}
-# FLO (sentence embeddings) and APY have no published attribute word vectors (SPEC.md §2.2).
+# FLO (sentence embeddings) and APY have no published attribute word vectors (docs/method.md).
 W2V_OPTIONAL = ("FLO", "APY")
 
 
@@ -40,7 +40,7 @@ class Semantics:
 
 
 def resolve_roots(data_root: Path, xlsa17_root, w2v_root) -> tuple[Path, Path | None]:
-    """Defaults follow TransZero's layout (data/xlsa17/data, w2v/) and shared/data's (xlsa17, attribute_w2v)."""
+    """Defaults follow TransZero's layout (data/xlsa17/data, w2v/) and the test-data folder's (xlsa17, attribute_w2v)."""
     data_root = Path(data_root)
     xlsa17_root = Path(xlsa17_root) if xlsa17_root else (
         first_existing(data_root / "xlsa17" / "data", data_root / "xlsa17") or data_root / "xlsa17")

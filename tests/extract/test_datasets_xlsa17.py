@@ -10,7 +10,7 @@ from extract.datasets.base import DatasetError
 from extract.datasets.xlsa17 import load_xlsa17, strip_server_prefix
 from extract.datasets.xlsa17_files import load_semantics
 
-# SPEC.md §2.1 (AWA1 from the xlsa17 README): images, seen, unseen, A, trainval, test_seen, test_unseen
+# docs/method.md (AWA1 from the xlsa17 README): images, seen, unseen, A, trainval, test_seen, test_unseen
 TABLE = {
     "CUB": (11788, 150, 50, 312, 7057, 1764, 2967),
     "SUN": (14340, 645, 72, 102, 10320, 2580, 1440),

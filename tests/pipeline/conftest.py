@@ -1,4 +1,4 @@
-"""A tiny but learnable feature cache in TransZero's HDF5 layout (SPEC.md §2.4) plus our train/val
+"""A tiny but learnable feature cache in TransZero's HDF5 layout (docs/method.md) plus our train/val
 locations: 24 classes (seen 0-19, unseen 20-23; validation: train classes 0-13, val classes 14-19),
 6 images each (4 trainval + 2 test_seen per seen class), 16 channels x 2 x 2 regions, 8 binary
 attributes. Each region is a fixed random projection of the class's attribute vector plus noise,

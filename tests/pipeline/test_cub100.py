@@ -1,4 +1,4 @@
-"""Real photos in CI: a few CUB-100 images per species (shared/data/cub100_subset, SPEC.md §9)
+"""Real photos in CI: a few CUB-100 images per species (the test data's cub100_subset, docs/method.md)
 through EfficientNet-Lite0 (ImageNet weights, 224 px), then a short CUB100-recipe training and the
 ESZSL baseline. Both must recognise the 27 unseen species far above chance (1/27 = 3.7%).
 Results on CUB-100 are "CUB-100, EfficientNet-Lite0", never comparable to the paper's CUB numbers."""
