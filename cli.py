@@ -1,11 +1,9 @@
 """`msdn` command line. Thin by design: each command parses options and calls into `pipeline/`."""
 from __future__ import annotations
 
-import contextlib
 import gc
 import math
 import os
-import re
 import sys
 
 # OpenMP threads that wait by spinning burn the cores a neighbour needs, and a spinner descheduled
@@ -17,42 +15,16 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import click  # noqa: E402
 
-# What a rerun does after a filesystem fault (disk full, read-only or missing folder), per command.
-_AFTER_FAULT = {
-    "extract": "rerun with --resume once fixed: it keeps every row already written and extracts only the rest",
-    "train": "no result was recorded (no summary.json); rerun once fixed (--overwrite reuses the run folder)",
-    "evaluate": "no result was recorded; rerun once fixed",
-    "baseline": "no result was recorded (no summary.json); rerun once fixed (--overwrite reuses the run folder)",
-    "demo": "rerun `msdn demo` once fixed: it reuses the rendered images and continues the feature cache",
-    "ablate": "finished cells are kept; rerun the same command once fixed to go on",
-}
-
-
-def filesystem_fault(err: BaseException) -> tuple[str, bool] | None:
-    """("<file>: <reason>", whether HDF5 failed writing) for an OSError or an h5py I/O failure,
-    also when that failure is the context of the error that surfaced (h5py's close failing after
-    a failed write); None for anything else."""
-    seen, chain = err, []
-    while seen is not None and seen not in chain:
-        chain.append(seen)
-        seen = seen.__cause__ or seen.__context__
-    for e in chain:
-        text = " ".join(str(e).split())  # h5py's messages hold a newline
-        code = re.search(r"errno = (\d+)", text)
-        if code:  # h5py: "... (file write failed: ..., filename = 'x.h5', ..., errno = 28, ...)"
-            name = re.search(r"name = '([^']*)'", text)
-            return (f"{name.group(1) if name else text}: {os.strerror(int(code.group(1)))}",
-                    any("write failed" in str(x) for x in chain))
-        if isinstance(e, OSError):
-            return (f"{e.filename}: {os.strerror(e.errno)}" if e.errno and e.filename else text), False
-    return None
-
 
 class _Main(click.Group):
-    """The one place where filesystem faults become one line: an OSError or an h5py write error
-    escaping any command is reported with the file it concerns and what a rerun will do."""
+    """The one place where errors become messages: a UserError (bad input, anything a user can
+    fix) is one line and its exit code; a filesystem fault (an OSError or an h5py write error) is one
+    line with the file and what a rerun will do; Ctrl-C is exit 130. Anything else is a bug and keeps
+    its traceback, as does a UserError under `msdn --debug`."""
 
     def invoke(self, ctx: click.Context):
+        from pipeline.errors import AFTER_FAULT, UserError, filesystem_fault
+
         held, hooks, fault = [], (sys.unraisablehook, sys.excepthook), None
         # h5py reports a failed write again while it frees that file's objects, partly through
         # sys.excepthook ("Traceback ... _dealloc"), partly as "Exception ignored in ...": those
@@ -61,14 +33,23 @@ class _Main(click.Group):
         try:
             try:
                 return super().invoke(ctx)
+            except UserError as err:
+                if ctx.params.get("debug"):
+                    raise
+                failure = click.ClickException(str(err))
+                failure.exit_code = err.exit_code
+                raise failure from None
+            except KeyboardInterrupt:
+                raise SystemExit(130) from None  # what a command has finished is kept (--resume, reruns)
             except (OSError, RuntimeError) as err:
                 fault = filesystem_fault(err)
-                if fault is None:
+                if fault is None or ctx.params.get("debug"):
+                    fault = None
                     raise
             gc.collect()  # the failed file's objects are freed here, their repeats held back
             for name in ("last_type", "last_value", "last_traceback"):
                 sys.__dict__.pop(name, None)
-            message = f"{fault[0]}; {_AFTER_FAULT.get(ctx.invoked_subcommand, 'rerun once fixed')}"
+            message = f"{fault[0]}; {AFTER_FAULT.get(ctx.invoked_subcommand, 'rerun once fixed')}"
             if fault[1]:
                 # HDF5 cannot shut down after a file whose writes failed (its H5close crashes the
                 # process at exit): say it, then leave without the library's teardown.
@@ -87,10 +68,11 @@ def _device(ctx, param, value: str) -> str:
     """--device: auto, cpu, cuda, cuda:N (or mps), refused at once when this machine lacks it."""
     if value == "auto":
         return value
-    from pipeline.config import ConfigError, check_device
+    from pipeline.config import check_device
+    from pipeline.errors import UserError
     try:
         return check_device(value)
-    except ConfigError as err:
+    except UserError as err:
         raise click.BadParameter(str(err), ctx=ctx, param=param) from None
 
 
@@ -113,7 +95,8 @@ DEVICE_HELP = "auto = cuda if available, else cpu; or cpu, cuda, cuda:N."
 
 
 @click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
-def main() -> None:
+@click.option("--debug", is_flag=True, help="Show the traceback of an error instead of its one-line message.")
+def main(debug) -> None:
     """MSDN++ zero-shot learning: extract backbone features once, then train and evaluate in minutes."""
 
 
@@ -152,42 +135,19 @@ def main() -> None:
 def extract(dataset, out, data_root, xlsa17_root, w2v_root, backbone, image_size, weights, batch_size, device,
             dtype, compression, workers, resume, skip_bad, overwrite, no_progress, cache_dir, materialize):
     """Stream a dataset's images through a frozen backbone into one HDF5 feature cache."""
-    from pipeline.extract_job import EXTRACT_ERRORS, ExtractOptions, run_extract
+    from pipeline.commands.extract import ExtractOptions, run
 
     options = ExtractOptions(dataset=dataset, out=out, data_root=data_root, xlsa17_root=xlsa17_root,
                              w2v_root=w2v_root, backbone=backbone, image_size=image_size, weights=weights,
                              batch_size=batch_size, device=device, dtype=dtype, compression=compression,
                              workers=workers, resume=resume, skip_bad=skip_bad, overwrite=overwrite,
                              progress=not no_progress)
-    from cache.store import StoreError
-    from extract.distributed import torchrun_world
-    from pipeline.extract_scaled import run_extract_scaled, uses_store
-
-    log = lambda msg: click.echo(msg, err=True)  # noqa: E731
-    try:
-        if uses_store(options, cache_dir) or torchrun_world() > 1:
-            key = run_extract_scaled(options, cache_dir=cache_dir, materialize=materialize, log=log)
-            if uses_store(options, cache_dir) and os.environ.get("RANK", "0") == "0":
-                click.echo(key)  # once, not once per torchrun rank
-        else:
-            run_extract(options, log=log)
-    except EXTRACT_ERRORS + (StoreError,) as err:
-        raise click.ClickException(str(err)) from None
-    except KeyboardInterrupt:
-        raise SystemExit(130) from None
+    key = run(options, cache_dir=cache_dir, materialize=materialize, log=lambda msg: click.echo(msg, err=True))
+    if key:
+        click.echo(key)
 
 
 # ----------------------------------------------------------------------------- stage 2: train / evaluate
-def _stage2_errors():
-    """Bad input raises one of these; the CLI shows its one-line message instead of a traceback."""
-    from cache.reader import CacheError
-    from pipeline.checkpoint import CheckpointError
-    from pipeline.config import ConfigError
-    from pipeline.engine import DivergedError
-    from pipeline.runlog import RunFolderError
-    return (CacheError, CheckpointError, ConfigError, DivergedError, RunFolderError)
-
-
 _MAX_MEMORY_OPTION = click.option(
     "--max-memory", default="auto", show_default=True, metavar="SIZE",
     help="Memory the run may use, e.g. 6G: a feature bank that does not fit is streamed from the cache file.")
@@ -211,20 +171,16 @@ _MAX_MEMORY_OPTION = click.option(
 def train(recipe, cache_path, cache_dir, out_dir, overrides, device, deterministic, paper_protocol, overwrite, quiet,
           max_memory):
     """Train the MSDN++ heads on a feature cache; select on validation classes; report on test."""
-    from pipeline.cache_jobs import resolve_cache
+    from pipeline.commands.cache import resolve_cache
     from pipeline.config import apply_overrides, load_recipe
     from pipeline.runlog import format_table
     from pipeline.train import summary_rows
     from pipeline.train import train as run_training
 
-    try:
-        config = apply_overrides(load_recipe(recipe), list(overrides))
-        cache_path = resolve_cache(cache_path, cache_dir)
-        summary = run_training(config, cache_path, out_dir, device=device, deterministic=deterministic,
-                               paper_protocol=paper_protocol, progress=not quiet, overwrite=overwrite,
-                               max_memory=max_memory, log=lambda message: click.echo(message, err=True))
-    except _stage2_errors() as err:
-        raise click.ClickException(str(err)) from None
+    config = apply_overrides(load_recipe(recipe), list(overrides))
+    summary = run_training(config, resolve_cache(cache_path, cache_dir), out_dir, device=device,
+                           deterministic=deterministic, paper_protocol=paper_protocol, progress=not quiet,
+                           overwrite=overwrite, max_memory=max_memory, log=lambda message: click.echo(message, err=True))
     click.echo(format_table(summary_rows(summary)))
     click.echo(f"run folder: {out_dir}")
 
@@ -241,17 +197,14 @@ def train(recipe, cache_path, cache_dir, out_dir, overrides, device, determinist
 @_MAX_MEMORY_OPTION
 def evaluate(checkpoint, cache_path, cache_dir, out_dir, gamma, device, overwrite, max_memory):
     """Evaluate a checkpoint on the test split of its cache (ZSL, GZSL U/S/H, AUSUC)."""
-    from pipeline.cache_jobs import resolve_cache
+    from pipeline.commands.cache import resolve_cache
     from pipeline.evaluate import evaluate as run_evaluation
     from pipeline.evaluate import evaluation_rows
     from pipeline.runlog import format_table
 
-    try:
-        summary = run_evaluation(checkpoint, resolve_cache(cache_path, cache_dir), out_dir=out_dir, device=device, gamma=gamma,
-                                 overwrite=overwrite, max_memory=max_memory,
-                                 log=lambda message: click.echo(message, err=True))
-    except _stage2_errors() as err:
-        raise click.ClickException(str(err)) from None
+    summary = run_evaluation(checkpoint, resolve_cache(cache_path, cache_dir), out_dir=out_dir, device=device,
+                             gamma=gamma, overwrite=overwrite, max_memory=max_memory,
+                             log=lambda message: click.echo(message, err=True))
     click.echo(format_table(evaluation_rows(summary)))
 
 
@@ -263,15 +216,12 @@ def evaluate(checkpoint, cache_path, cache_dir, out_dir, gamma, device, overwrit
 @click.option("--overwrite", is_flag=True, help="Reuse an --out folder that already holds a run.")
 def baseline(cache_path, cache_dir, out_dir, method, overwrite):
     """Linear baseline (ESZSL on pooled features), selected on validation, same metrics as train."""
-    from pipeline.baselines import BaselineConfig, baseline_rows, run_baseline
-    from pipeline.cache_jobs import resolve_cache
+    from pipeline.commands.baseline import BaselineConfig, baseline_rows, run_baseline
+    from pipeline.commands.cache import resolve_cache
     from pipeline.runlog import format_table
 
-    try:
-        summary = run_baseline(resolve_cache(cache_path, cache_dir), out_dir, BaselineConfig(method=method),
-                               overwrite=overwrite)
-    except _stage2_errors() as err:
-        raise click.ClickException(str(err)) from None
+    summary = run_baseline(resolve_cache(cache_path, cache_dir), out_dir, BaselineConfig(method=method),
+                           overwrite=overwrite)
     click.echo(format_table(baseline_rows(summary)))
     click.echo(f"run folder: {out_dir}")
 
@@ -287,16 +237,12 @@ def baseline(cache_path, cache_dir, out_dir, method, overwrite):
               help="Render this many images per class [default: 32]; fewer for a quick check (new --out).")
 def demo(out_dir, overrides, device, quiet, images_per_class):
     """Render the demo set, extract features, train, evaluate, print the results table."""
-    from pipeline.demo import run_demo
+    from pipeline.commands.demo import run_demo
     from pipeline.evaluate import evaluation_rows
-    from pipeline.extract_job import EXTRACT_ERRORS
     from pipeline.runlog import format_table
 
-    try:
-        result = run_demo(out_dir, device=device, overrides=overrides, images_per_class=images_per_class,
-                          progress=not quiet, log=click.echo)
-    except EXTRACT_ERRORS + _stage2_errors() as err:
-        raise click.ClickException(str(err)) from None
+    result = run_demo(out_dir, device=device, overrides=overrides, images_per_class=images_per_class,
+                      progress=not quiet, log=click.echo)
     click.echo(format_table(evaluation_rows(result["evaluate"])))
     timing = ", ".join(f"{k} {v:.0f}s" for k, v in result["seconds"].items())
     click.echo(f"run folder: {result['run']}  ({timing})")
@@ -312,29 +258,15 @@ def cache() -> None:
     """The content-addressed feature store: list, verify, copy between stores, export, clean up."""
 
 
-@contextlib.contextmanager
-def _one_line_errors():
-    """Store problems as one line; Ctrl-C as exit 130 (interrupted copies resume on the next run)."""
-    from cache.reader import CacheError
-    from pipeline.config import ConfigError
-    try:
-        yield
-    except (CacheError, ConfigError, OSError) as err:
-        raise click.ClickException(str(err)) from None
-    except KeyboardInterrupt:
-        raise SystemExit(130) from None
-
-
 @cache.command("ls")
 @_STORE_OPTION
 @click.option("--match", "recipe", default=None, help="Only entries this recipe can train on (recipe name or .toml).")
 @click.option("--full-keys", is_flag=True, help="Show whole keys, not 12-character prefixes.")
 def cache_ls(cache_dir, recipe, full_keys):
     """Entries: key, dataset, backbone, size, shape, dtype, created, complete."""
-    from pipeline.cache_jobs import list_entries, open_local_store
+    from pipeline.commands.cache import list_entries, open_local_store
 
-    with _one_line_errors():
-        table = list_entries(open_local_store(cache_dir), match=recipe, full_keys=full_keys)
+    table = list_entries(open_local_store(cache_dir), match=recipe, full_keys=full_keys)
     click.echo("(no entries)" if table.empty else table.to_string(index=False))
 
 
@@ -344,10 +276,9 @@ def cache_ls(cache_dir, recipe, full_keys):
 def cache_verify(target, cache_dir):
     """Read every row of KEY (or a cache file PATH) and check it against its checksum.
     Exit code: 0 ok, 1 corrupt, 3 readable but no checksums, 4 incomplete."""
-    from pipeline.cache_jobs import verify
+    from pipeline.commands.cache import verify
 
-    with _one_line_errors():
-        report = verify(target, cache_dir)
+    report = verify(target, cache_dir)
     for line in report.lines():
         click.echo(line)
     raise SystemExit(report.exit_code)
@@ -359,7 +290,7 @@ def cache_verify(target, cache_dir):
 @_STORE_OPTION
 def cache_push(key, dest, cache_dir):
     """Copy entry KEY from the store to the store DEST (a directory, or an fsspec URL), verified."""
-    from pipeline.cache_jobs import push
+    from pipeline.commands.cache import push
     _copy(push, key, dest, cache_dir)
 
 
@@ -369,13 +300,12 @@ def cache_push(key, dest, cache_dir):
 @_STORE_OPTION
 def cache_pull(key, source, cache_dir):
     """Copy entry KEY from the store SOURCE (a directory, or an fsspec URL) into the store, verified."""
-    from pipeline.cache_jobs import pull
+    from pipeline.commands.cache import pull
     _copy(pull, key, source, cache_dir)
 
 
 def _copy(job, key, other_store, cache_dir):
-    with _one_line_errors():
-        click.echo(job(key, other_store, cache_dir, log=lambda msg: click.echo(msg, err=True)))
+    click.echo(job(key, other_store, cache_dir, log=lambda msg: click.echo(msg, err=True)))
 
 
 def _amount(ctx, param, value):
@@ -386,12 +316,12 @@ def _amount(ctx, param, value):
 
 
 def _size(ctx, param, value):
-    from cache.store import StoreError
-    from pipeline.cache_jobs import parse_size
+    from pipeline.commands.cache import parse_size
+    from pipeline.errors import UserError
 
     try:
         return None if value is None else parse_size(value)
-    except StoreError as err:
+    except UserError as err:
         raise click.BadParameter(str(err)) from None
 
 
@@ -406,12 +336,10 @@ def _size(ctx, param, value):
 @click.option("--dry-run", is_flag=True, help="Only say what would be removed.")
 def cache_gc(cache_dir, days, max_size, stale_hours, dry_run):
     """Remove interrupted work nobody holds and, on request, old or least recently used entries."""
-    from cache.gc import collect_garbage
-    from pipeline.cache_jobs import open_local_store
+    from pipeline.commands.cache import gc as collect_garbage
 
-    with _one_line_errors():
-        removed = collect_garbage(open_local_store(cache_dir), stale_hours=stale_hours, older_than_days=days,
-                                  max_bytes=max_size, dry_run=dry_run, log=click.echo)
+    removed = collect_garbage(cache_dir, stale_hours=stale_hours, older_than_days=days, max_bytes=max_size,
+                              dry_run=dry_run, log=click.echo)
     if not removed:
         click.echo("nothing to remove")
 
@@ -421,14 +349,9 @@ def cache_gc(cache_dir, days, max_size, stale_hours, dry_run):
 @_STORE_OPTION
 def cache_rm(key, cache_dir):
     """Remove entry KEY from the store (readers that have it open keep reading)."""
-    from pipeline.cache_jobs import open_local_store
+    from pipeline.commands.cache import remove
 
-    with _one_line_errors():
-        store = open_local_store(cache_dir)
-        full = store.resolve(key)
-        with store.lock(full):
-            store.remove(full)
-    click.echo(f"removed {full}")
+    click.echo(f"removed {remove(key, cache_dir)}")
 
 
 @cache.command("export")
@@ -441,11 +364,10 @@ def cache_rm(key, cache_dir):
               help="[default: as stored]")
 def cache_export(target, file, cache_dir, dtype, compression):
     """Write entry KEY (or a cache PATH) as one self-contained file in TransZero's key layout."""
-    from pipeline.cache_jobs import export
+    from pipeline.commands.cache import export
 
-    with _one_line_errors():
-        click.echo(export(target, file, dtype=dtype, compression=compression, cache_dir=cache_dir,
-                          log=lambda msg: click.echo(msg, err=True)))
+    click.echo(export(target, file, dtype=dtype, compression=compression, cache_dir=cache_dir,
+                      log=lambda msg: click.echo(msg, err=True)))
 
 
 # ----------------------------------------------------------------------------- ablations, reports, pictures
@@ -485,20 +407,13 @@ def _csv(text: str | None, cast=str, option: str = "", minimum=None) -> list | N
 def ablate(preset, recipe, cache_path, out_dir, ablations, grid, seeds, overrides, workers, device, overwrite,
            weights_from):
     """Train a grid of variants x seeds in parallel; write mean ± std tables (CSV, Markdown, LaTeX)."""
-    from pipeline.ablate import AblationError
-    from pipeline.ablate_job import AblateOptions, run_ablate
-    from pipeline.extract_job import EXTRACT_ERRORS
+    from pipeline.commands.ablate import AblateOptions, run_ablate
 
-    try:
-        options = AblateOptions(out=out_dir, recipe=recipe, cache=cache_path, preset=preset, ablations=_csv(ablations),
-                                grid=list(grid), seeds=_csv(seeds, int, "--seeds", minimum=0),
-                                overrides=list(overrides), workers=workers, device=device, overwrite=overwrite,
-                                weights_from=weights_from)
-        result = run_ablate(options, log=lambda msg: click.echo(msg, err=True))
-    except (AblationError, ValueError) + EXTRACT_ERRORS + _stage2_errors() as err:
-        raise click.ClickException(str(err)) from None
-    except KeyboardInterrupt:
-        raise SystemExit(130) from None  # finished cells are kept; re-running resumes
+    options = AblateOptions(out=out_dir, recipe=recipe, cache=cache_path, preset=preset, ablations=_csv(ablations),
+                            grid=list(grid), seeds=_csv(seeds, int, "--seeds", minimum=0),
+                            overrides=list(overrides), workers=workers, device=device, overwrite=overwrite,
+                            weights_from=weights_from)
+    result = run_ablate(options, log=lambda msg: click.echo(msg, err=True))  # Ctrl-C keeps finished cells
     click.echo(result["paths"]["markdown"].read_text())
     if "paired_markdown" in result["paths"]:
         click.echo(result["paths"]["paired_markdown"].read_text())
@@ -516,12 +431,9 @@ def ablate(preset, recipe, cache_path, out_dir, ablations, grid, seeds, override
 @click.option("--no-published", is_flag=True, help="Leave out the published numbers.")
 def report(paths, out_dir, no_published):
     """Tables across runs and datasets (run or ablation folders), with published numbers beside ours."""
-    from pipeline.report import ReportError, build_report
+    from pipeline.commands.report import build_report
 
-    try:
-        result = build_report(paths, out_dir=out_dir, published=not no_published)
-    except ReportError as err:
-        raise click.ClickException(str(err)) from None
+    result = build_report(paths, out_dir=out_dir, published=not no_published)
     click.echo(result["markdown"])
 
 
@@ -544,15 +456,12 @@ def report(paths, out_dir, no_published):
 @click.option("--device", default="auto", show_default=True, callback=_device, help=DEVICE_HELP)
 def visualize(run_dir, checkpoint, cache_path, out_dir, images, rows, top_k, tsne_images, image_root, device):
     """PNG pictures: attention of top attributes over images, seen-unseen curve, t-SNE of features."""
-    from pipeline.visualize import VisualizeError, resolve_inputs
-    from pipeline.visualize import visualize as draw
+    from pipeline.commands.visualize import resolve_inputs
+    from pipeline.commands.visualize import visualize as draw
 
-    try:
-        checkpoint, cache_path, out_dir = resolve_inputs(run_dir, checkpoint, cache_path, out_dir)
-        draw(checkpoint, cache_path, out_dir, rows=_csv(rows, int, "--rows", minimum=0), images=images,
-             top_k=top_k, tsne_images=tsne_images, image_root=image_root, device=device, log=click.echo)
-    except (VisualizeError,) + _stage2_errors() as err:
-        raise click.ClickException(str(err)) from None
+    checkpoint, cache_path, out_dir = resolve_inputs(run_dir, checkpoint, cache_path, out_dir)
+    draw(checkpoint, cache_path, out_dir, rows=_csv(rows, int, "--rows", minimum=0), images=images,
+         top_k=top_k, tsne_images=tsne_images, image_root=image_root, device=device, log=click.echo)
 
 
 if __name__ == "__main__":

@@ -24,12 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cache.reader import FeatureCache  # noqa: E402
 from extract.datasets import build_dataset  # noqa: E402
-from pipeline.attention import attention_on_objects, load_trained  # noqa: E402
-from pipeline.causal_screen import BASELINE, WEIGHT_KEY, causal_variants, chosen_weights  # noqa: E402
+from pipeline.commands.ablate.causal import BASELINE, WEIGHT_KEY, causal_variants, chosen_weights  # noqa: E402
+from pipeline.commands.attention import attention_on_objects, load_trained  # noqa: E402
+from pipeline.commands.demo import DEMO_BACKBONE, DEMO_IMAGE_SIZE  # noqa: E402
+from pipeline.commands.extract import ExtractOptions, run_extract  # noqa: E402
+from pipeline.commands.tables import mean_std  # noqa: E402
 from pipeline.config import apply_overrides, load_recipe  # noqa: E402
-from pipeline.demo import DEMO_BACKBONE, DEMO_IMAGE_SIZE  # noqa: E402
-from pipeline.extract_job import ExtractOptions, run_extract  # noqa: E402
-from pipeline.tables import mean_std  # noqa: E402
 from pipeline.train import train  # noqa: E402
 
 

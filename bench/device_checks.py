@@ -1,7 +1,7 @@
 """The sections of bench/device_suite.py: correctness first, then stage 1 and stage 2 speed, then the demo.
 
 Each section takes a Shape (the full CUB/ResNet101 sizes on a GPU, miniatures with --quick) and
-returns a flat dict of figures; every path is the project's own (extract/engine.py's
+returns a flat dict of figures; every path is the project's own (extract/extractor.py's
 extract_features, pipeline/engine.py's train_step / predict_scores through bench/train.py's
 Project, `msdn demo` as a subprocess).
 """
@@ -26,11 +26,11 @@ from bench.train import BATCH, Project, flops, matmul_seconds, sync, write_cache
 from cache.reader import FeatureCache  # noqa: E402
 from extract.backbones import BackboneSpec  # noqa: E402
 from extract.datasets import build_dataset  # noqa: E402
-from extract.engine import extract_features  # noqa: E402
+from extract.extractor import extract_features  # noqa: E402
 from extract.loader import default_batch_size  # noqa: E402
 from heads.config import HeadConfig  # noqa: E402
 from pipeline.engine import autocast, build_model, predict_scores  # noqa: E402
-from pipeline.resident import ResidentFeatures  # noqa: E402
+from pipeline.features import ResidentFeatures  # noqa: E402
 from pipeline.tasks import benchmark_task, usable_splits  # noqa: E402
 
 CUB_RECIPE_STEPS, CUB_RECIPE_EVALS, CUB_TEST_IMAGES = 4234, 30, 4731

@@ -32,7 +32,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `msdn` does (cli.py), before torch loads
@@ -42,8 +41,7 @@ from PIL import Image  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.backbone_forward import memory_format_of, time_batches  # noqa: E402
 from bench.cpu_meter import CpuMeter, wait_until_idle  # noqa: E402
-from extract.backbones import (BackboneSpec, BackboneWeightsError, build_backbone,  # noqa: E402
-                               build_transform, resolve_weights)
+from extract.backbones import BackboneSpec, BackboneWeightsError, build_backbone, build_transform, resolve_weights  # noqa: E402
 from extract.datasets.cub_files import read_id_table  # noqa: E402
 from extract.datasets.shared_data import find_shared_data  # noqa: E402
 

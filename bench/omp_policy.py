@@ -9,7 +9,7 @@ machine as it is ("idle": whatever else runs on it, whose CPU share is printed) 
 synthetic load (one busy-looping process per core, started before the child and stopped after it).
 Workloads, each the project's real code path:
   extract   the extraction forward: EfficientNet-Lite0 at 224 px (random init: same arithmetic),
-            channels_last, inference_mode, batches of 8, as extract/engine.py runs it on CPU;
+            channels_last, inference_mode, batches of 8, as extract/extractor.py runs it on CPU;
   train     one training step of the engine (bench/train.py's Project: ResidentFeatures,
             the recipe's sampler, engine.train_step, float32) on a CUB-shaped synthetic cache
             (2048 x 7 x 7, 312 attributes, batch 50).

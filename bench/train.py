@@ -49,8 +49,8 @@ from heads.reference import ReferenceMSDN  # noqa: E402
 from heads.runtime import keep_freed_memory  # noqa: E402
 from pipeline.config import load_recipe  # noqa: E402
 from pipeline.engine import build_model, build_optimizer, predict_scores, train_step  # noqa: E402
+from pipeline.features import ResidentFeatures, bank_dtype  # noqa: E402
 from pipeline.samplers import build_sampler  # noqa: E402
-from pipeline.resident import ResidentFeatures, bank_dtype  # noqa: E402
 from pipeline.tasks import benchmark_task, usable_splits  # noqa: E402
 
 BATCH, REF_EVAL_BATCH, W2V_DIM = 50, 100, 300

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import h5py
 import numpy as np
 
-from extract.chunk_codec import load_liblzf
+from cache.writer import load_liblzf
 
 _WINDOW = 64  # rows fetched ahead of the decoding threads (bounded memory)
 
@@ -65,7 +65,7 @@ def _decoder(compression: str | None, nbytes: int):
         if stored is None:
             return None
         mask, chunk = stored
-        if compression is None or mask & 1:  # filter skipped: stored raw (see extract/chunk_codec.py)
+        if compression is None or mask & 1:  # filter skipped: stored raw (see ChunkCodec in cache/writer.py)
             raw = chunk
         elif compression == "gzip":
             try:

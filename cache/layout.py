@@ -41,7 +41,7 @@ our reader accepts theirs (float32/float64, gzip, no manifest, no done mask = co
 
 Files use the HDF5 1.10 format (libver v110, superblock 3): readable by any HDF5 >= 1.10 (h5py >= 2.7
 builds), and required for single-writer/multiple-reader (SWMR) writing, which keeps the file
-consistent on disk at every moment, so a kill -9 never leaves an unreadable file (extract/writer.py;
+consistent on disk at every moment, so a kill -9 never leaves an unreadable file (cache/writer.py;
 `open_readonly` reads such a file, whose 'being written' flag a killed writer could not clear).
 `row_crc32` came after FORMAT_VERSION 1 without a bump on purpose: the version is part of the content
 key (extract/manifest.py) and the stored values did not change, so older files keep their keys and
@@ -68,6 +68,7 @@ FEATURES = "feature_map"
 LABELS = "labels"
 REQUIRED_SPLITS = ("trainval_loc", "test_seen_loc", "test_unseen_loc")
 OPTIONAL_SPLITS = ("train_loc", "val_loc")
+
 ATT = "att"
 ORIGINAL_ATT = "original_att"
 W2V = "w2v_att"
@@ -82,6 +83,22 @@ CONTENT_KEY_ATTR = "content_key"
 COMPRESSIONS = ("lzf", "gzip", "none")
 DTYPES = {"float16": np.float16, "float32": np.float32}
 GZIP_LEVEL = 4  # h5py's and TransZero's default
+
+
+def make_validation_split(labels: np.ndarray, trainval_loc: np.ndarray, fraction: float = 0.2,
+                          seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Hold out a fixed part of the seen classes as pseudo-unseen validation classes.
+
+    Returns (train_loc, val_loc): images of the remaining seen classes, and images of the held-out
+    ones, as xlsa17's train_loc/val_loc. Deterministic in (labels, trainval_loc, fraction, seed).
+    The one place this split is made: adapters whose files lack one call it when they build a
+    dataset, and training calls it for caches that hold no val_loc.
+    """
+    seen = np.unique(labels[trainval_loc])
+    n_val = max(1, int(round(fraction * len(seen))))
+    val_classes = np.sort(np.random.default_rng(seed).permutation(seen)[:n_val])
+    is_val = np.isin(labels[trainval_loc], val_classes)
+    return np.sort(trainval_loc[~is_val]), np.sort(trainval_loc[is_val])
 
 
 def partial_path(out: str | Path) -> Path:

@@ -1,5 +1,5 @@
 """Helpers shared by the two lock files of the project: the store's entry locks (cache/store.py)
-and a plain `--out` extraction's lock (extract/writer.py)."""
+and a plain `--out` extraction's lock (cache/writer.py)."""
 from __future__ import annotations
 
 import contextlib

@@ -10,16 +10,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 
 from cache import layout as L
+from cache.errors import UserError
 
 _CHUNK_BYTES = 64 << 20  # rows read per h5py call: ~64 MiB of stored data
 
 
-class CacheError(ValueError):
+class CacheError(UserError, ValueError):
     """Missing keys, bad shapes, incomplete or damaged cache file; the message names the file."""
 
 

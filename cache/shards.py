@@ -113,8 +113,8 @@ def export_cache(source: str | Path, dest: str | Path, *, dtype: str | None = No
     """Write `source` (any of our caches, virtual or not) as one self-contained file `dest`. Rows
     recorded as skipped are left out of the split locations (`log` hears how many); an unfinished
     extraction is refused."""
-    from extract.manifest import content_key
-    from extract.writer import CacheWriter
+    from cache.keys import content_key
+    from cache.writer import CacheWriter
 
     dest = Path(dest)
     with FeatureCache(source) as cache:

@@ -26,6 +26,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import math
 import os
 import shutil
 import socket
@@ -37,8 +38,7 @@ from pathlib import Path
 
 from cache.locks import lock_holder, same_file
 from cache.reader import CacheError
-from cache.record import (FEATURES_FILE, RECORD_FORMAT, RecordError, check_file_name, check_files, inside,
-                          parse_record)
+from cache.record import FEATURES_FILE, RECORD_FORMAT, RecordError, check_file_name, check_files, inside, parse_record
 
 ENV = "MSDN_CACHE_DIR"
 RECORD_FILE = "entry.json"
@@ -275,3 +275,37 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return ""
+
+
+def parse_size(text: str) -> int:
+    """'500M', '20G', '1.5T' or bytes -> bytes (>= 0; negative, NaN and infinite sizes are refused)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    value = text.strip().upper().removesuffix("B")
+    scale = units.get(value[-1:], 1)
+    try:
+        number = float(value[:-1] if scale > 1 else value)
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number) or number < 0:
+        raise StoreError(f"{text!r}: not a size >= 0 (e.g. 500M, 20G)")
+    return int(number * scale)
+
+
+def resolve_cache(value: str | Path, cache_dir: str | None = None, *, check_record: bool = True) -> Path:
+    """A feature cache named by path, by entry folder, or by store key (or unique key prefix). A
+    store entry whose record is damaged is refused (unless `check_record` is False: verify reports it)."""
+    path = Path(value)
+    if path.is_file():
+        return path
+    if path.is_dir() and (path / FEATURES_FILE).is_file():
+        return path / FEATURES_FILE
+    root = store_root(cache_dir)
+    if root is None or "/" in str(value) or str(value).endswith(".h5"):
+        raise CacheError(f"{value}: feature cache not found" + ("" if root else
+                         " (to name a store key, pass --cache-dir or set MSDN_CACHE_DIR)"))
+    store = Store(root)
+    key = store.resolve(str(value))
+    if check_record:
+        store.record(key)  # a damaged record, or one of another key (a folder renamed by hand), is refused
+    store.touch_used(key)
+    return store.features_path(key)

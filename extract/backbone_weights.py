@@ -9,11 +9,13 @@ from pathlib import Path
 import torch
 from torchvision.models import ResNet101_Weights
 
+from cache.errors import UserError
+
 ALLOW_DOWNLOAD_ENV = "MSDN_ALLOW_DOWNLOAD"
 _DOWNLOAD_TIMEOUT_S = 30.0
 
 
-class BackboneWeightsError(RuntimeError):
+class BackboneWeightsError(UserError, RuntimeError):
     """Weights missing, unreadable or not matching the architecture (message names the file)."""
 
 

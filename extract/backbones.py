@@ -22,13 +22,18 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.models import resnet101
 
-from extract.backbone_weights import (ALLOW_DOWNLOAD_ENV, BackboneWeightsError, lite0_imagenet_file,
-                                      resnet101_cache_path, resnet101_imagenet_file, weights_sha256)
+from extract.backbone_weights import (
+    ALLOW_DOWNLOAD_ENV,
+    BackboneWeightsError,
+    lite0_imagenet_file,
+    resnet101_cache_path,
+    resnet101_imagenet_file,
+    weights_sha256,
+)
 from extract.efficientnet_lite import EfficientNetLite0
 
 __all__ = ["BACKBONES", "BackboneSpec", "BackboneWeightsError", "FrozenBackbone", "build_backbone",
            "build_classifier", "build_transform", "describe", "feature_shape", "normalize_images",
-           "recommended_cpu_batch",
            "resnet101_cache_path", "resolve_weights", "weights_sha256"]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -265,33 +270,3 @@ def describe(spec: BackboneSpec, *, download: bool | None = None) -> dict:
         "channels": channels,
         "grid": [height, width],
     }
-
-
-@dataclass(frozen=True)
-class CpuBatchChoice:
-    batch_size: int
-    channels_last: bool
-
-
-# Fastest forward per image on this project's 2-core CPU box (AMD EPYC, AVX-512, torch 2.14 oneDNN),
-# measured as CPU seconds per image of a one-thread forward (min of 3; robust to the other processes
-# that kept the shared box busy, unlike wall-clock numbers) over batch 1/2/4/8/16 x layout, for the
-# sizes below. channels_last won for every backbone (Lite0 by 1.2-1.5x, ResNet101 by ~5-10%).
-# Lite0's expanded depthwise activations fall out of cache at large batches: at 224, b1-b4 tie
-# (19-23 ms) and b16 is 35 ms; at 448, b1 is 80-99 ms and b16 245 ms. ResNet101 at 224 gains a
-# little from batching (b16 174-185 ms vs b1 227 ms); at 448 all batches tie within noise
-# (0.75-0.87 s) and small ones keep memory low (~2.7 img/s on 2 cores, as the issue measured).
-_CPU_FASTEST = {  # (name, measured image side) -> (batch, channels_last)
-    ("efficientnet_lite0", 224): (4, True),
-    ("efficientnet_lite0", 448): (1, True),
-    ("resnet101", 224): (16, True),
-    ("resnet101", 448): (1, True),
-}
-
-
-def recommended_cpu_batch(spec: BackboneSpec) -> CpuBatchChoice:
-    """Batch size and layout with the most images/s per CPU core for this backbone, taken from the
-    nearest measured image size."""
-    sizes = [size for name, size in _CPU_FASTEST if name == spec.name]
-    nearest = min(sizes, key=lambda size: abs(size - spec.image_size))
-    return CpuBatchChoice(*_CPU_FASTEST[spec.name, nearest])

@@ -30,10 +30,11 @@ import torch.distributed as dist
 
 from cache.reader import FeatureCache
 from cache.shards import join_shards, shard_path
+from cache.writer import ExtractError
 from extract.datasets.base import ImageDataset
-from extract.engine import extract_features, resolve_device
+from extract.devices import resolve_device
+from extract.extractor import extract_features
 from extract.manifest import build_manifest
-from extract.writer import ExtractError
 
 # Collectives wait for the slowest rank's whole shard (hours on CPUs): the default 30 min would
 # abort a healthy run. Override with MSDN_DIST_TIMEOUT_MIN.

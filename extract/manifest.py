@@ -1,15 +1,9 @@
-"""What produced a feature cache, and the content key that says whether two caches hold the same maps.
-
-The manifest records everything (backbone, weights hash, preprocessing, dtype, storage, dataset
-fingerprint, package versions, time). The content key hashes only what defines the stored values:
-backbone description (without where the weights file lies), dtype, dataset name and fingerprint, and
-the image file sizes (a cheap guard against an image replaced under the same name). Package versions,
-timestamps, paths and compression are recorded but left out of the key, so asking again with the same
-inputs finds the finished file, and any input change gives a different key.
+"""What produced a feature cache: the manifest records everything (backbone, weights hash,
+preprocessing, dtype, storage, dataset fingerprint, package versions, time); its content key
+(cache/keys.py) hashes only what defines the stored values.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -18,39 +12,14 @@ from importlib import metadata
 
 import numpy as np
 
-from cache.layout import DTYPES, FORMAT, FORMAT_VERSION
-
-# describe() fields that say where the weights came from, not what they are (weights_sha256 is kept).
-_PROVENANCE_FIELDS = ("weights", "weights_source", "weights_file")
+from cache.keys import content_key, content_part, sizes_sha256
+from cache.layout import FORMAT
 
 
 def image_file_sizes(dataset) -> np.ndarray:
     """Byte size of every image, in row order (stat only: 37k files in well under a second)."""
     root = str(dataset.root)
     return np.array([os.stat(os.path.join(root, rel)).st_size for rel in dataset.image_paths], dtype=np.int64)
-
-
-def sizes_sha256(sizes: np.ndarray) -> str:
-    return hashlib.sha256(np.asarray(sizes, dtype="<i8").tobytes()).hexdigest()
-
-
-def content_part(backbone: dict, feature_shape, dtype: str, dataset_name: str, fingerprint: dict,
-                 image_sizes: str) -> dict:
-    """The content-defining part of a manifest (what `content_key` hashes); image_sizes = sizes_sha256."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    return {
-        "format_version": FORMAT_VERSION,
-        "backbone": {k: v for k, v in backbone.items() if k not in _PROVENANCE_FIELDS},
-        "feature_shape": [int(x) for x in feature_shape],
-        "dtype": dtype,
-        "dataset": {"name": dataset_name, "fingerprint": dict(fingerprint), "image_sizes": image_sizes},
-    }
-
-
-def content_key(manifest: dict) -> str:
-    """sha256 over the content-defining part of a manifest built by `build_manifest`."""
-    return hashlib.sha256(json.dumps(manifest["content"], sort_keys=True).encode()).hexdigest()
 
 
 def build_manifest(dataset, spec, *, dtype: str = "float16", compression: str = "lzf",

@@ -20,7 +20,7 @@ import numpy as np
 
 from cache import layout as L
 from cache.reader import CacheError, FeatureCache
-from extract.writer import ExtractError, open_for_writing
+from cache.writer import ExtractError, open_for_writing
 
 
 class ReuseError(ExtractError):

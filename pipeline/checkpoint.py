@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cache.errors import UserError
 from pipeline.runlog import to_jsonable
 
 FORMAT = "msdn-zsl-checkpoint"
@@ -30,7 +31,7 @@ _CACHE_FIELDS = {"content_key": str, "num_classes": int, "feature_shape": list, 
                  "unseen_classes": list}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """An unreadable checkpoint, or one that does not belong to the given cache."""
 
 

@@ -13,6 +13,8 @@ import typing
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+from cache.errors import UserError
+from extract.devices import check_device  # noqa: F401 (the CLI checks --device with the other options)
 from heads.config import HeadConfig
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
@@ -22,7 +24,7 @@ AMPS = ("auto", "none", "bf16", "fp16")
 FEATURE_DTYPES = ("float16", "bfloat16", "float32")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A bad recipe or override; the message names the file or the key."""
 
 
@@ -202,31 +204,6 @@ def _coerce(value, annotation, where: str):
         except (TypeError, ValueError):
             fail(f"{len(args)} numbers")
     raise ConfigError(f"{where}: unsupported field type {annotation}")
-
-
-def check_device(device) -> str:
-    """`device` if this machine has it: auto, cpu, cuda, cuda:N or mps; else a ConfigError."""
-    text = str(device)
-    if text == "auto":
-        return text
-    import torch
-
-    try:
-        dev = torch.device(text)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"{text!r} is not a device: expected auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"{text!r}: CUDA is not available on this machine (use auto or cpu)")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ConfigError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                              f"numbered from 0")
-    elif dev.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise ConfigError(f"{text!r}: MPS is not available on this machine (use auto or cpu)")
-    elif dev.type != "cpu":
-        raise ConfigError(f"{text!r}: device type {dev.type!r} is not supported: expected auto, cpu, cuda or cuda:N")
-    return text
 
 
 def _suggest(key: str) -> str:

@@ -10,7 +10,7 @@ and at each logging point, which precedes every evaluation, the one read-back th
 happened there also says which rows are finite; the first that is not names the step. On the CPU,
 where reading a value back costs nothing, every step is checked and training stops at once.
 Non-finite class scores at an evaluation stop it too. The cached features themselves are checked
-once, when they are loaded (pipeline/resident.py), so a divergence here points at the optimiser.
+once, when they are loaded (pipeline/features.py), so a divergence here points at the optimiser.
 """
 from __future__ import annotations
 
@@ -23,13 +23,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from cache.errors import UserError
 from heads.msdn import MSDN
 from heads.regions import Regions
-from pipeline.config import check_device
-from pipeline.precision import choose_amp
+from pipeline.features import ResidentFeatures
 from pipeline.metrics import gzsl_accuracy, gzsl_report, harmonic_mean
+from pipeline.precision import choose_amp
 from pipeline.samplers import build_sampler
-from pipeline.resident import ResidentFeatures
 from pipeline.tasks import Task
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -44,16 +44,9 @@ EVAL_HOST_BYTES = 256 << 20
 CHECK_EACH_STEP_ON = ("cpu",)
 
 
-class DivergedError(RuntimeError):
+class DivergedError(UserError, RuntimeError):
     """Training met a non-finite loss or score; the message names the step, the loss terms and
     the likely cause. Nothing is recorded as a result (no summary.json)."""
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """auto = cuda if available, else cpu; an unknown or absent device is a ConfigError."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(check_device(device))
 
 
 def resolve_amp(amp: str, device: torch.device) -> str:

@@ -16,7 +16,7 @@ import torch
 
 from pipeline.config import ConfigError
 from pipeline.engine import EVAL_HOST_BYTES
-from pipeline.resident import DTYPES, ResidentFeatures, device_holds
+from pipeline.features import DTYPES, ResidentFeatures, device_holds
 from pipeline.streaming import READ_AHEAD, StreamingFeatures
 
 AVAILABLE_SHARE = 0.8  # of MemAvailable, for "auto": the page cache and other processes keep the rest
@@ -29,8 +29,7 @@ def parse_max_memory(text: str | None) -> int | None:
     """None/"auto" -> None; "6G", "500M", "0" -> bytes. Errors name --max-memory."""
     if text is None or str(text).strip().lower() == "auto":
         return None
-    from cache.store import StoreError
-    from pipeline.cache_jobs import parse_size
+    from cache.store import StoreError, parse_size
     try:
         size = parse_size(str(text))
     except StoreError:

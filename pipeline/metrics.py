@@ -11,6 +11,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+# The scores every run reports, in the order every table shows them: ZSL, GZSL U/S/H and AUSUC are
+# fractions in results (percent in tables); gamma is the calibration the run chose.
+SCORES = ("ZSL", "U", "S", "H", "AUSUC")
+SCORES_AND_GAMMA = SCORES + ("gamma",)
+
 
 def _np(x) -> np.ndarray:
     if isinstance(x, torch.Tensor):

@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-TABLE_COLUMNS = ("ZSL", "U", "S", "H", "AUSUC", "gamma")
+from cache.errors import UserError
+from pipeline.metrics import SCORES_AND_GAMMA
 
 
-class RunFolderError(ValueError):
+class RunFolderError(UserError, ValueError):
     """The output folder already holds a run (refused so that nothing already done is lost)."""
 
 
@@ -74,8 +75,8 @@ def results_table(results: dict[str, dict]) -> pd.DataFrame:
     rows = {}
     for name, r in results.items():
         rows[name] = {c: (r.get(c) if c == "gamma" else None if r.get(c) is None else 100 * r[c])
-                      for c in TABLE_COLUMNS}
-    return pd.DataFrame.from_dict(rows, orient="index", columns=list(TABLE_COLUMNS))
+                      for c in SCORES_AND_GAMMA}
+    return pd.DataFrame.from_dict(rows, orient="index", columns=list(SCORES_AND_GAMMA))
 
 
 def format_table(results: dict[str, dict]) -> str:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from heads.regions import Regions, normalise_into
-from pipeline.resident import DTYPES
+from pipeline.features import DTYPES
 
 READ_AHEAD = 2  # batches prepared ahead of the one being computed
 _DONE = object()

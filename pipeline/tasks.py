@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cache.layout import make_validation_split
 from cache.reader import CacheError
-from extract.datasets.base import make_validation_split
 
 
 @dataclass

@@ -23,17 +23,17 @@ from typing import Callable
 import numpy as np
 
 from cache.reader import CacheError, FeatureCache
+from extract.devices import resolve_device
 from heads.runtime import keep_freed_memory
 from pipeline.checkpoint import cache_identity, save_checkpoint
 from pipeline.config import TrainConfig
-from pipeline.engine import DivergedError, build_model, deterministic_mode, evaluate_task, fit, resolve_device
+from pipeline.engine import DivergedError, build_model, deterministic_mode, evaluate_task, fit
+from pipeline.features import bank_dtype
+from pipeline.memory import describe_plan, open_features
+from pipeline.metrics import SCORES_AND_GAMMA
 from pipeline.precision import choose_amp
 from pipeline.runlog import RunLog, write_json_atomic
-from pipeline.memory import describe_plan, open_features
-from pipeline.resident import bank_dtype
 from pipeline.tasks import Task, benchmark_task, usable_splits, validation_task
-
-SCORE_KEYS = ("ZSL", "U", "S", "H", "AUSUC", "gamma")
 
 
 def train(config: TrainConfig, cache_path: str | Path, out_dir: str | Path, *, device: str = "auto",
@@ -186,7 +186,7 @@ def train_final(config: TrainConfig, test: Task, selection: dict, identity: dict
 
 
 def _scores(report: dict) -> dict:
-    return {k: report[k] for k in SCORE_KEYS if k in report}
+    return {k: report[k] for k in SCORES_AND_GAMMA if k in report}
 
 
 def summary_rows(summary: dict) -> dict[str, dict]:

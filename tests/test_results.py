@@ -6,7 +6,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline.causal_screen import paired_table, to_markdown
+from pipeline.commands.ablate.causal import paired_table, to_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 SCREENS = sorted(p.parent for p in (ROOT / "results").glob("**/paired.csv"))

@@ -6,7 +6,7 @@ import inspect
 from pathlib import Path
 from typing import Callable
 
-from .base import DatasetError, ImageDataset, check_image_files, make_validation_split
+from .base import DatasetError, ImageDataset, check_image_files
 from .cub_folder import load_cub_folder
 from .demo import DemoConfig, load_demo, render_demo
 from .xlsa17 import XLSA17_DATASETS, load_xlsa17
@@ -60,4 +60,4 @@ def build_dataset(name: str, **options) -> ImageDataset:
 
 
 __all__ = ["DATASETS", "DatasetError", "ImageDataset", "build_dataset", "canonical_name", "check_image_files",
-           "load_cub_folder", "load_demo", "load_xlsa17", "make_validation_split", "render_demo", "valid_options"]
+           "load_cub_folder", "load_demo", "load_xlsa17", "render_demo", "valid_options"]

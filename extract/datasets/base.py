@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-REQUIRED_SPLITS = ("trainval_loc", "test_seen_loc", "test_unseen_loc")
-OPTIONAL_SPLITS = ("train_loc", "val_loc")
+from cache.errors import UserError
+from cache.layout import REQUIRED_SPLITS
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """Bad dataset input; the message names the file and the problem."""
 
 
@@ -108,20 +108,6 @@ class ImageDataset:
 def check_image_files(dataset: ImageDataset) -> list[str]:
     """Missing image files of `dataset` (full paths); empty when all exist."""
     return dataset.check_files()
-
-
-def make_validation_split(labels: np.ndarray, trainval_loc: np.ndarray, fraction: float = 0.2,
-                          seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Hold out a fixed part of the seen classes as pseudo-unseen validation classes.
-
-    Returns (train_loc, val_loc): images of the remaining seen classes, and images of the held-out
-    ones, as xlsa17's train_loc/val_loc. Deterministic in (labels, trainval_loc, fraction, seed).
-    """
-    seen = np.unique(labels[trainval_loc])
-    n_val = max(1, int(round(fraction * len(seen))))
-    val_classes = np.sort(np.random.default_rng(seed).permutation(seen)[:n_val])
-    is_val = np.isin(labels[trainval_loc], val_classes)
-    return np.sort(trainval_loc[~is_val]), np.sort(trainval_loc[is_val])
 
 
 def _sha256_json(obj) -> str:

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import DatasetError, ImageDataset, make_validation_split
+from cache.layout import make_validation_split
+
+from .base import DatasetError, ImageDataset
 from .cub_files import read_cub_index
 from .splits import rows_of_classes
 from .xlsa17_files import load_semantics, read_class_list, resolve_roots

@@ -22,7 +22,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .base import DatasetError, ImageDataset, make_validation_split
+from cache.layout import make_validation_split
+
+from .base import DatasetError, ImageDataset
 from .demo_render import COLOURS, PATTERNS, SHAPES, SIZES, render_image
 from .splits import rows_of_classes, split_seen_images
 

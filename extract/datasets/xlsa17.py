@@ -20,11 +20,20 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import DatasetError, ImageDataset, make_validation_split
+from cache.layout import make_validation_split
+
+from .base import DatasetError, ImageDataset
 from .cub_files import read_cub_index
 from .splits import rows_of_classes, split_seen_images
-from .xlsa17_files import (AttSplits, load_att_splits, load_mat, load_semantics, mat_strings, read_class_list,
-                           resolve_roots)
+from .xlsa17_files import (
+    AttSplits,
+    load_att_splits,
+    load_mat,
+    load_semantics,
+    mat_strings,
+    read_class_list,
+    resolve_roots,
+)
 
 XLSA17_DATASETS = ("CUB", "SUN", "AWA2", "AWA1", "APY", "FLO")
 IMAGE_SOURCES = ("auto", "res101", "image_index", "cub_index")

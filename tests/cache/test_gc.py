@@ -11,7 +11,7 @@ from click.testing import CliRunner
 import cli
 from cache.gc import collect_garbage
 from cache.store import Store, StoreError
-from tests.cache.store_data import publish_tiny
+from tests.fixtures.store import publish_tiny
 
 
 @pytest.fixture(scope="module")

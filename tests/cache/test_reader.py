@@ -8,8 +8,8 @@ import torch
 
 from cache import layout as L
 from cache.reader import CacheError, FeatureCache
+from cache.writer import CacheWriter
 from extract.datasets.base import ImageDataset
-from extract.writer import CacheWriter
 
 N, C, H, W = 12, 8, 3, 3
 

@@ -11,9 +11,8 @@ from click.testing import CliRunner
 import cli
 from cache.gc import collect_garbage
 from cache.reader import CacheError
-from cache.store import Store
-from pipeline.cache_jobs import resolve_cache
-from tests.cache.store_data import publish_tiny
+from cache.store import Store, resolve_cache
+from tests.fixtures.store import publish_tiny
 
 
 @pytest.fixture(scope="module")

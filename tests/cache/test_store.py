@@ -14,15 +14,15 @@ from cache.store import LockBusy, Store, StoreError
 from extract.backbones import BackboneSpec
 from extract.datasets import build_dataset
 from extract.manifest import build_manifest
-from tests.cache.store_data import REPO, extract_tiny, publish_tiny
-from tests.extract.engine_data import mini_cub
+from tests.fixtures.images import mini_cub
+from tests.fixtures.store import REPO, extract_tiny, publish_tiny
 
 
 def test_readers_never_see_a_partial_entry_while_a_writer_publishes(tmp_path):
     source = extract_tiny(tmp_path / "src")
     root, count = tmp_path / "store", 6
     done = tmp_path / "published"
-    module = [sys.executable, "-m", "tests.cache.store_workers"]
+    module = [sys.executable, "-m", "tests.fixtures.store_workers"]
     readers = [subprocess.Popen([*module, "read", root, tmp_path / f"ready{i}", done], cwd=REPO,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     try:

@@ -16,7 +16,7 @@ from cache.reader import CacheError, FeatureCache
 from cache.store import Store
 from cache.transfer import RemoteStore, TransferError, copy_entry
 from cache.verify import verify_cache
-from tests.cache.store_data import REPO, flip_byte, publish_tiny, run_cli
+from tests.fixtures.store import REPO, flip_byte, publish_tiny, run_cli
 
 
 @pytest.fixture(scope="module")

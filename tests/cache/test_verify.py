@@ -13,8 +13,8 @@ from cache import chunk_check
 from cache import layout as L
 from cache.shards import join_shards
 from cache.verify import verify_cache
-from tests.cache.store_data import chunk_offset, extract_tiny, flip_byte, publish_tiny
-from tests.extract.engine_data import image_dataset
+from tests.fixtures.images import image_dataset
+from tests.fixtures.store import chunk_offset, extract_tiny, flip_byte, publish_tiny
 
 
 @pytest.fixture(scope="module")

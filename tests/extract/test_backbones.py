@@ -6,9 +6,19 @@ import pytest
 import torch
 from PIL import Image
 
-from extract.backbones import (BACKBONES, BackboneSpec, BackboneWeightsError, build_backbone,
-                               build_classifier, build_transform, describe, feature_shape,
-                               normalize_images, recommended_cpu_batch, resnet101_cache_path, weights_sha256)
+from extract.backbones import (
+    BACKBONES,
+    BackboneSpec,
+    BackboneWeightsError,
+    build_backbone,
+    build_classifier,
+    build_transform,
+    describe,
+    feature_shape,
+    normalize_images,
+    resnet101_cache_path,
+    weights_sha256,
+)
 
 # ImageNet-1k bird classes (torchvision's category list, checked by name): 7 cock .. 24 great grey owl
 # (gamefowl, ostrich, finches/buntings, robin, bulbul, jay, magpie, chickadee, water ouzel, raptors,
@@ -232,10 +242,3 @@ def test_weights_hash_is_recomputed_when_the_file_changes(tmp_path):
     assert weights_sha256(path) == hashlib.sha256(b"abc").hexdigest()
     path.write_bytes(b"abcd")
     assert weights_sha256(path) == hashlib.sha256(b"abcd").hexdigest()
-
-
-@pytest.mark.parametrize("name", sorted(BACKBONES))
-def test_recommended_cpu_batch_covers_every_backbone_and_size(name):
-    for size in (224, 448, 640):
-        choice = recommended_cpu_batch(BackboneSpec(name, size, "random"))
-        assert choice.batch_size >= 1 and isinstance(choice.channels_last, bool)

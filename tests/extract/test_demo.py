@@ -7,8 +7,15 @@ import pytest
 from PIL import Image
 
 from extract.datasets.base import DatasetError
-from extract.datasets.demo import (ATTRIBUTE_GROUPS, INDEX_FILE, DemoConfig, choose_classes, load_demo,
-                                   pseudo_word_vectors, render_demo)
+from extract.datasets.demo import (
+    ATTRIBUTE_GROUPS,
+    INDEX_FILE,
+    DemoConfig,
+    choose_classes,
+    load_demo,
+    pseudo_word_vectors,
+    render_demo,
+)
 from extract.datasets.demo_render import COLOURS
 
 SMALL = dict(num_classes=10, num_unseen=3, images_per_class=5, image_size=96)

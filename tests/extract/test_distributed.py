@@ -21,8 +21,8 @@ from cache.verify import verify_cache
 from extract.backbones import BackboneSpec
 from extract.datasets import build_dataset
 from extract.distributed import shard_bounds, shard_dataset
-from extract.engine import extract_features
-from tests.extract.engine_data import mini_cub
+from extract.extractor import extract_features
+from tests.fixtures.images import mini_cub
 
 REPO = Path(__file__).resolve().parents[2]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from cache.keys import content_key
 from extract.backbones import BackboneSpec, build_backbone, describe
-from extract.manifest import build_manifest, content_key
-from tests.extract.engine_data import image_dataset, write_jpeg
+from extract.manifest import build_manifest
+from tests.fixtures.images import image_dataset, write_jpeg
 
 LITE = BackboneSpec("efficientnet_lite0", 224, "imagenet")
 

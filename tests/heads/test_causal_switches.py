@@ -9,7 +9,7 @@ import torch
 from heads import losses
 from heads.config import HeadConfig
 from heads.counterfactual import counterfactual_attention
-from tests.heads.helpers import make_head, tiny_inputs
+from tests.fixtures.heads import make_head, tiny_inputs
 from tests.heads.test_losses import LN2, LN5, output, three_class_head
 
 

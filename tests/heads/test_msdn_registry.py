@@ -6,7 +6,7 @@ import torch
 from heads import losses
 from heads.config import HeadConfig
 from heads.reference import ReferenceMSDN
-from tests.heads.helpers import A, C, F_DIM, H, W, make_head, tiny_inputs
+from tests.fixtures.heads import F_DIM, A, C, H, W, make_head, tiny_inputs
 
 # name -> (HeadConfig overrides, feature layout, input dtype, no word vectors)
 REGISTRY = {

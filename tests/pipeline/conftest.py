@@ -65,8 +65,8 @@ def demo_cache(tmp_path_factory):
     extracted with its backbone (EfficientNet-Lite0 ImageNet weights, 224 px) once per test session."""
     from extract.backbones import BackboneSpec
     from extract.datasets import build_dataset
-    from extract.engine import extract_features
-    from pipeline.demo import DEMO_BACKBONE, DEMO_IMAGE_SIZE
+    from extract.extractor import extract_features
+    from pipeline.commands.demo import DEMO_BACKBONE, DEMO_IMAGE_SIZE
     root = tmp_path_factory.mktemp("demo_cache")
     dataset = build_dataset("demo", root=root / "data")
     cache = extract_features(dataset, BackboneSpec(DEMO_BACKBONE, DEMO_IMAGE_SIZE), root / "demo.h5", device="cpu",

@@ -14,12 +14,19 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.ablate import VALIDATED_CAUSAL, AblationError, builtin_ablations, cell_state, parse_grid, plan_cells
-from pipeline.ablate_job import PRESETS, AblateOptions, run_ablate
-from pipeline.ablate_worker import Worker
+from pipeline.commands.ablate import PRESETS, AblateOptions, run_ablate
+from pipeline.commands.ablate.grid import (
+    VALIDATED_CAUSAL,
+    AblationError,
+    builtin_ablations,
+    cell_state,
+    parse_grid,
+    plan_cells,
+)
+from pipeline.commands.ablate.workers import Worker
 from pipeline.config import load_recipe
+from tests.fixtures.processes import default_sigint
 
-from tests.processes import default_sigint
 from .conftest import write_tiny_cache
 
 QUICK = ["iterations=20", "eval_every=10", "log_every=10", "batch_size=8", "lr=3e-3", "eval_batch_size=16"]

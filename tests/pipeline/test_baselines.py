@@ -9,8 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli import main
-
-from pipeline.baselines import ESZSL, BaselineConfig, baseline_rows, eszsl_solutions, run_baseline
+from pipeline.commands.baseline import ESZSL, BaselineConfig, baseline_rows, eszsl_solutions, run_baseline
 from pipeline.metrics import SeenUnseenCurve
 from pipeline.runlog import RunFolderError, format_table
 

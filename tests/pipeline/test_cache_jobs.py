@@ -9,10 +9,11 @@ from click.testing import CliRunner
 import cli
 from cache.reader import CacheError, FeatureCache
 from cache.shards import join_shards
+from cache.store import resolve_cache
 from cache.verify import verify_cache
-from pipeline.cache_jobs import LS_COLUMNS, list_entries, resolve_cache
-from tests.cache.store_data import extract_tiny, publish_tiny
-from tests.extract.engine_data import image_dataset
+from pipeline.commands.cache import LS_COLUMNS, list_entries
+from tests.fixtures.images import image_dataset
+from tests.fixtures.store import extract_tiny, publish_tiny
 
 TRANSZERO_KEYS = {"feature_map", "labels", "trainval_loc", "test_seen_loc", "test_unseen_loc", "att",
                   "original_att", "w2v_att"}

@@ -6,10 +6,16 @@ import math
 import pandas as pd
 import pytest
 
-from pipeline.ablate_job import PRESETS, AblateOptions, run_ablate
-from pipeline.ablate import AblationError
-from pipeline.causal_screen import (BASELINE, causal_variants, chosen_weights, paired_table, plan_screen,
-                                    select_weights)
+from pipeline.commands.ablate import PRESETS, AblateOptions, run_ablate
+from pipeline.commands.ablate.causal import (
+    BASELINE,
+    causal_variants,
+    chosen_weights,
+    paired_table,
+    plan_screen,
+    select_weights,
+)
+from pipeline.commands.ablate.grid import AblationError
 
 from .conftest import write_tiny_cache
 

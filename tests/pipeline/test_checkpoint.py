@@ -10,8 +10,14 @@ from click.testing import CliRunner
 
 import cli
 from cache.reader import FeatureCache
-from pipeline.checkpoint import (CheckpointError, cache_identity, check_compatible, checkpoint_digest,
-                                 load_checkpoint, save_checkpoint)
+from pipeline.checkpoint import (
+    CheckpointError,
+    cache_identity,
+    check_compatible,
+    checkpoint_digest,
+    load_checkpoint,
+    save_checkpoint,
+)
 from pipeline.engine import build_model
 from pipeline.tasks import benchmark_task
 

@@ -58,7 +58,7 @@ def test_unknown_override_is_refused_before_any_work(cli_run):
 def test_filesystem_faults_are_named_by_file_and_reason():
     """h5py reports a failed write as a RuntimeError whose text names the file; a close that fails
     after it hides it as its context. Plain OSErrors carry the file themselves."""
-    from cli import filesystem_fault
+    from pipeline.errors import filesystem_fault
 
     write = RuntimeError("Can't synchronously write data (file write failed: time = Tue Dec  1 01:11:21 2026\n"
                          ", filename = 'out/x.h5.partial', file descriptor = 3, errno = 28, error message = "

@@ -1,8 +1,7 @@
 import pytest
 
 from heads.config import HeadConfig
-from pipeline.config import (ConfigError, TrainConfig, apply_overrides, available_recipes,
-                             load_recipe)
+from pipeline.config import ConfigError, TrainConfig, apply_overrides, available_recipes, load_recipe
 
 
 def test_every_shipped_recipe_loads():
@@ -77,14 +76,3 @@ def test_recipe_file_errors_name_the_file(tmp_path):
 def test_dict_round_trip():
     c = apply_overrides(load_recipe("SUN"), ["lambda_causal=0.2"])
     assert TrainConfig.from_dict(c.to_dict()) == c
-
-
-@pytest.mark.parametrize("device, message", [
-    ("foo", "'foo' is not a device"),
-    ("xla", "device type 'xla' is not supported"),
-])
-def test_unknown_devices_are_refused(device, message):
-    from pipeline.config import check_device
-    assert check_device("auto") == "auto" and check_device("cpu") == "cpu"
-    with pytest.raises(ConfigError, match=message):
-        check_device(device)

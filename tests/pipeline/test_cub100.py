@@ -7,8 +7,8 @@ import pytest
 
 from extract.backbones import BackboneSpec
 from extract.datasets import build_dataset
-from extract.engine import extract_features
-from pipeline.baselines import BaselineConfig, run_baseline
+from extract.extractor import extract_features
+from pipeline.commands.baseline import BaselineConfig, run_baseline
 from pipeline.config import apply_overrides, load_recipe
 from pipeline.train import train
 

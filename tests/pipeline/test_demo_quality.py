@@ -24,9 +24,9 @@ import torch
 
 from cache.reader import FeatureCache
 from heads.config import HeadConfig
-from pipeline.attention import attention_on_objects, cell_box_overlap, load_trained
+from pipeline.commands.attention import attention_on_objects, cell_box_overlap, load_trained
+from pipeline.commands.demo import DEMO_IMAGE_SIZE
 from pipeline.config import apply_overrides, load_recipe
-from pipeline.demo import DEMO_IMAGE_SIZE
 from pipeline.engine import build_model
 from pipeline.train import train
 

@@ -8,9 +8,9 @@ import torch
 
 from cache.reader import FeatureCache
 from pipeline import engine
+from pipeline.commands.report import ReportError, find_runs
 from pipeline.engine import DivergedError, build_model, evaluate_task
-from pipeline.report import ReportError, find_runs
-from pipeline.resident import ResidentFeatures
+from pipeline.features import ResidentFeatures
 from pipeline.tasks import benchmark_task, usable_splits
 from pipeline.train import train
 

@@ -1,4 +1,4 @@
-"""Peak memory of the resident features (pipeline/resident.py) and of evaluation batches, measured
+"""Peak memory of the resident features (pipeline/features.py) and of evaluation batches, measured
 in child processes (ru_maxrss) on real HDF5 caches."""
 import json
 import subprocess
@@ -12,9 +12,9 @@ import torch
 
 from bench.train import write_cache
 from cache.reader import FeatureCache
-from heads.regions import RegionBank, prepare_regions
+from heads.regions import prepare_regions
 from pipeline.engine import EVAL_HOST_BYTES, evaluation_batch_size
-from pipeline.resident import ResidentFeatures
+from pipeline.features import RegionBank, ResidentFeatures
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -39,7 +39,7 @@ def test_building_the_bank_adds_little_beyond_the_bank(wide_cache):
         import json, resource, numpy as np, torch
         from cache.reader import FeatureCache
         from heads.runtime import keep_freed_memory
-        from pipeline.resident import ResidentFeatures
+        from pipeline.features import ResidentFeatures
         keep_freed_memory(True)
         torch.ones(1).add_(1)  # load the kernels before measuring
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10

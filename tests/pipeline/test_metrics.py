@@ -2,8 +2,15 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.metrics import (calibrated_stacking, gzsl_accuracy, gzsl_report, harmonic_mean,
-                              per_class_accuracy, seen_unseen_curve, zsl_accuracy)
+from pipeline.metrics import (
+    calibrated_stacking,
+    gzsl_accuracy,
+    gzsl_report,
+    harmonic_mean,
+    per_class_accuracy,
+    seen_unseen_curve,
+    zsl_accuracy,
+)
 
 SEEN, UNSEEN = [0, 1], [2]
 

@@ -6,7 +6,7 @@ import torch
 
 from cache.reader import FeatureCache
 from pipeline.engine import build_model, fit
-from pipeline.resident import ResidentFeatures
+from pipeline.features import ResidentFeatures
 from pipeline.tasks import benchmark_task, usable_splits
 
 from .conftest import tiny_config

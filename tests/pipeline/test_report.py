@@ -8,8 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline.published import PUBLISHED, published_for
-from pipeline.report import ReportError, build_report
+from pipeline.commands.report import PUBLISHED, ReportError, build_report, published_for
 
 from .conftest import tiny_config, write_tiny_cache
 
@@ -36,7 +35,7 @@ def runs(tmp_path_factory):
                                ("cub-msdn", cub, dict(seed=0)),
                                ("lite-s0", lite, dict(seed=0, lambda_causal=0.5))):
         summaries[name] = train(tiny_config(**quick, **extra), cache, root / "runs" / name, progress=False)
-    from pipeline.baselines import run_baseline
+    from pipeline.commands.baseline import run_baseline
     run_baseline(lite, root / "runs" / "lite-eszsl")
     (root / "runs" / "eval-only").mkdir()  # an evaluation folder is not a training run
     (root / "runs" / "eval-only" / "summary.json").write_text(json.dumps({"test": {}, "checkpoint": "x"}))

@@ -11,8 +11,8 @@ from PIL import Image
 
 from extract.backbones import BackboneSpec
 from extract.datasets import build_dataset
-from extract.engine import extract_features
-from pipeline.attention import box_mass, crop_region, heat_in_image
+from extract.extractor import extract_features
+from pipeline.commands.attention import box_mass, crop_region, heat_in_image
 from pipeline.config import apply_overrides, load_recipe
 from pipeline.train import train
 
@@ -114,7 +114,7 @@ def test_a_head_without_the_ava_subnet_gets_curve_and_tsne_only(demo_run, tmp_pa
     root, _ = demo_run
     config = apply_overrides(load_recipe("demo"), {"selection": "fixed", "iterations": 10, "subnets": "vaa"})
     train(config, root / "demo.h5", tmp_path / "vaa", device="cpu", progress=False)
-    from pipeline.visualize import visualize
+    from pipeline.commands.visualize import visualize
     lines = []
     torch.manual_seed(0)
     written = visualize(tmp_path / "vaa" / "best.pt", root / "demo.h5", tmp_path / "pics", images=2,

@@ -6,10 +6,10 @@ import torch
 
 from cache.layout import partial_path
 from cache.reader import FeatureCache
-from extract import engine
+from extract import extractor
 from extract.backbones import BackboneSpec
-from extract.engine import ExtractError, extract_features
-from tests.extract.engine_data import image_dataset
+from extract.extractor import ExtractError, extract_features
+from tests.fixtures.images import image_dataset
 
 SPEC = BackboneSpec("efficientnet_lite0", 96, "imagenet")   # feature maps (1280, 3, 3)
 
@@ -39,7 +39,7 @@ def _extract(dataset, out, dtype):
 
 
 def test_values_beyond_float16_are_refused_and_the_good_rows_kept(dataset, tmp_path, monkeypatch):
-    monkeypatch.setattr(engine, "build_backbone", lambda spec: _Constant(70000.0))
+    monkeypatch.setattr(extractor, "build_backbone", lambda spec: _Constant(70000.0))
     with pytest.raises(ExtractError, match=r"img001\.jpg: its features exceed float16's range.*--dtype float32"):
         _extract(dataset, tmp_path / "f.h5", "float16")
     partial = partial_path(tmp_path / "f.h5")
@@ -50,13 +50,13 @@ def test_values_beyond_float16_are_refused_and_the_good_rows_kept(dataset, tmp_p
 
 
 def test_float32_stores_the_same_values(dataset, tmp_path, monkeypatch):
-    monkeypatch.setattr(engine, "build_backbone", lambda spec: _Constant(70000.0))
+    monkeypatch.setattr(extractor, "build_backbone", lambda spec: _Constant(70000.0))
     out = _extract(dataset, tmp_path / "f.h5", "float32")
     with FeatureCache(out) as cache:
         assert cache.complete and float(cache.features(rows=[1], dtype=torch.float32).max()) == 70000.0
 
 
 def test_nan_features_are_refused(dataset, tmp_path, monkeypatch):
-    monkeypatch.setattr(engine, "build_backbone", lambda spec: _Constant(float("nan")))
+    monkeypatch.setattr(extractor, "build_backbone", lambda spec: _Constant(float("nan")))
     with pytest.raises(ExtractError, match="img001.jpg: the backbone gave NaN or inf features"):
         _extract(dataset, tmp_path / "f.h5", "float32")

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline.metrics import SCORES
+
 # train_s: wall seconds in the training loops; cpu_s: CPU seconds of the whole cell (the honest cost
 # on a shared machine, where the wall clock measures the neighbours too)
-METRICS = ("ZSL", "U", "S", "H", "AUSUC", "train_s", "cpu_s")
+METRICS = (*SCORES, "train_s", "cpu_s")
 DIGITS = {"train_s": 1, "cpu_s": 1}  # everything else: 2
 HEADERS = {"train_s": "train s", "cpu_s": "CPU s"}
 TEXT_COLUMNS = ("description",)  # left-aligned; everything else is a number

@@ -1,14 +1,22 @@
 """`msdn cache ...`: the jobs behind the store commands (the CLI only parses options)."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pandas as pd
 
 from cache.reader import CacheError
 from cache.record import RecordError
-from cache.store import FEATURES_FILE, RECORD_FILE, Store, StoreError, human_bytes, store_root
+from cache.store import (  # noqa: F401 (cli)
+    FEATURES_FILE,
+    RECORD_FILE,
+    Store,
+    StoreError,
+    human_bytes,
+    parse_size,
+    resolve_cache,
+    store_root,
+)
 from cache.transfer import copy_entry, open_store
 from cache.verify import VerifyReport, verify_cache
 
@@ -66,26 +74,6 @@ def recipe_dataset(recipe: str) -> str:
     return load_recipe(recipe).recipe
 
 
-def resolve_cache(value: str | Path, cache_dir: str | None = None, *, check_record: bool = True) -> Path:
-    """A feature cache named by path, by entry folder, or by store key (or unique key prefix). A
-    store entry whose record is damaged is refused (unless `check_record` is False: verify reports it)."""
-    path = Path(value)
-    if path.is_file():
-        return path
-    if path.is_dir() and (path / FEATURES_FILE).is_file():
-        return path / FEATURES_FILE
-    root = store_root(cache_dir)
-    if root is None or "/" in str(value) or str(value).endswith(".h5"):
-        raise CacheError(f"{value}: feature cache not found" + ("" if root else
-                         " (to name a store key, pass --cache-dir or set MSDN_CACHE_DIR)"))
-    store = Store(root)
-    key = store.resolve(str(value))
-    if check_record:
-        store.record(key)  # a damaged record, or one of another key (a folder renamed by hand), is refused
-    store.touch_used(key)
-    return store.features_path(key)
-
-
 def verify(target: str, cache_dir: str | None = None) -> VerifyReport:
     """Verify a cache file (by path) or a store entry (by key: its files against the record too)."""
     path = Path(target)
@@ -129,15 +117,17 @@ def export(target: str, dest: str, *, dtype: str | None = None, compression: str
     return export_cache(source, dest, dtype=dtype, compression=compression, log=log)
 
 
-def parse_size(text: str) -> int:
-    """'500M', '20G', '1.5T' or bytes -> bytes (>= 0; negative, NaN and infinite sizes are refused)."""
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    value = text.strip().upper().removesuffix("B")
-    scale = units.get(value[-1:], 1)
-    try:
-        number = float(value[:-1] if scale > 1 else value)
-    except ValueError:
-        number = math.nan
-    if not math.isfinite(number) or number < 0:
-        raise StoreError(f"{text!r}: not a size >= 0 (e.g. 500M, 20G)")
-    return int(number * scale)
+def remove(key: str, cache_dir: str | None = None) -> str:
+    """`msdn cache rm KEY`: the entry's full key, once removed (readers that have it open keep reading)."""
+    store = open_local_store(cache_dir)
+    full = store.resolve(key)
+    with store.lock(full):
+        store.remove(full)
+    return full
+
+
+def gc(cache_dir: str | None, **options) -> list[str]:
+    """`msdn cache gc`: cache/gc.py's collect_garbage on the local store; one line per thing removed."""
+    from cache.gc import collect_garbage
+
+    return collect_garbage(open_local_store(cache_dir), **options)

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.ablate import Ablation, AblationError, plan_cells
-from pipeline.tables import mean_std
+from pipeline.commands.ablate.grid import Ablation, AblationError, plan_cells
+from pipeline.commands.tables import mean_std
+from pipeline.metrics import SCORES
 
 BASELINE = "msdn"
 WEIGHT_KEY = "lambda_causal"
@@ -78,7 +79,7 @@ def select_weights(runs: pd.DataFrame) -> pd.DataFrame:
     return means.drop_duplicates("ablation").reset_index(drop=True)
 
 
-def paired_table(runs: pd.DataFrame, metrics=("ZSL", "U", "S", "H", "AUSUC")) -> pd.DataFrame:
+def paired_table(runs: pd.DataFrame, metrics=SCORES) -> pd.DataFrame:
     """One row per variant (MSDN first, then each causal variant at its validation-chosen weight):
     mean ± std of the test metrics, and for H and ZSL the mean paired difference to MSDN over the
     seeds both finished, its std, and how many of those seeds improve."""
@@ -113,7 +114,7 @@ def _row(name, weight, val_h, runs, base, metrics) -> dict:
     return row
 
 
-def to_markdown(table: pd.DataFrame, metrics=("ZSL", "U", "S", "H", "AUSUC")) -> str:
+def to_markdown(table: pd.DataFrame, metrics=SCORES) -> str:
     """The paired table as Markdown: accuracies in %, differences in points."""
     header = ["variant", "weight", "seeds", "val H", *metrics, "ΔH vs MSDN", "H better", "ΔZSL vs MSDN",
               "ZSL better", "CPU s"]

@@ -16,14 +16,15 @@ from pathlib import Path
 
 import numpy as np
 
+from cache.errors import UserError
 from cache.reader import FeatureCache
-from pipeline.attention import attribute_features, heat_in_image, load_trained, top_attribute_attention
-from pipeline.engine import resolve_device
+from extract.devices import resolve_device
+from pipeline.commands.attention import attribute_features, heat_in_image, load_trained, top_attribute_attention
+from pipeline.features import ResidentFeatures
 from pipeline.metrics import gzsl_accuracy, seen_unseen_curve
-from pipeline.resident import ResidentFeatures
 
 
-class VisualizeError(ValueError):
+class VisualizeError(UserError, ValueError):
     """Missing plotting extra, images that cannot be found, or a run without a checkpoint."""
 
 

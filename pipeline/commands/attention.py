@@ -1,4 +1,4 @@
-"""Attention of a trained head, in image pixels (no plotting here; pictures: pipeline/visualize.py).
+"""Attention of a trained head, in image pixels (no plotting here; pictures: pipeline/commands/visualize.py).
 
 The attribute→visual attention beta (B, A, R) is a distribution over the R = H x W cells of the
 backbone's feature grid. The grid covers the centre crop the backbone saw: Resize(S) on the shorter

@@ -10,10 +10,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from extract.devices import resolve_device
+from pipeline.commands.extract import ExtractOptions, run_extract
 from pipeline.config import apply_overrides, load_recipe
-from pipeline.engine import resolve_device
 from pipeline.evaluate import evaluate
-from pipeline.extract_job import ExtractOptions, run_extract
 from pipeline.train import train
 
 DEMO_BACKBONE = "efficientnet_lite0"   # the one ImageNet backbone whose weights need no download

@@ -4,9 +4,9 @@ Variants are built-in named ablations of MSDN++ (builtin_ablations), the cartesi
 key=v1,v2` values, or both crossed. Each cell is a `msdn train` run folder plus `cell.json`
 (its variant, seed, resolved config, the cache's content key and the equivalent `msdn train`
 command line, so any row can be reproduced by hand). Cells run in spawned worker processes
-(pipeline/ablate_worker.py), one per GPU or per share of the CPU cores: a cell that fails or dies
+(pipeline/commands/ablate/workers.py), one per GPU or per share of the CPU cores: a cell that fails or dies
 takes down only itself. A cell holding summary.json made from the same config and cache is
-finished: re-running the grid skips it. Presets and the whole job: pipeline/ablate_job.py.
+finished: re-running the grid skips it. Presets and the whole job: pipeline/commands/ablate/__init__.py.
 """
 from __future__ import annotations
 
@@ -24,8 +24,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.ablate_worker import Worker
+from cache.errors import UserError
+from pipeline.commands.ablate.workers import Worker
 from pipeline.config import ConfigError, TrainConfig, apply_overrides, load_recipe
+from pipeline.metrics import SCORES
 from pipeline.runlog import to_jsonable, write_json_atomic
 
 # The causal setting of the "full" model when the recipe trains plain MSDN (lambda_causal = 0): the
@@ -33,12 +35,12 @@ from pipeline.runlog import to_jsonable, write_json_atomic
 # README "Does the causal attention help?"), not a fixed CAL weight.
 VALIDATED_CAUSAL = {"lambda_causal": 0.3, "causal_level": "attribute"}
 CELL_FILE = "cell.json"
-SCORE_COLUMNS = ("ZSL", "U", "S", "H", "AUSUC")  # percent
+SCORE_COLUMNS = SCORES  # percent in runs.csv
 RUN_COLUMNS = ("variant", "seed", "status", *SCORE_COLUMNS, "gamma", "iteration", "val_H", "val_ZSL", "train_s",
                "wall_s", "cpu_s", "error", "dir")
 
 
-class AblationError(ValueError):
+class AblationError(UserError, ValueError):
     """A bad grid, an unknown ablation name, or an output folder holding other runs."""
 
 
@@ -176,7 +178,7 @@ def worker_slots(device: str = "auto", workers: int | None = None) -> list[dict]
     the per-step work is small)."""
     import torch
 
-    from pipeline.engine import resolve_device
+    from extract.devices import resolve_device
 
     if workers is not None and workers < 1:
         raise AblationError(f"--workers must be at least 1, got {workers}")

@@ -1,3 +1,6 @@
+"""Feature stores (pipeline/features.py): the RegionBank and the resident store built on it, and that the
+head gives the same scores from a bank as from raw maps."""
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -5,7 +8,46 @@ import torch
 from cache.reader import FeatureCache
 from heads.config import HeadConfig
 from heads.msdn import MSDN
-from pipeline.resident import ResidentFeatures, bank_dtype
+from heads.regions import prepare_regions
+from pipeline.features import RegionBank, ResidentFeatures, bank_dtype
+from tests.fixtures.heads import F_DIM, H, W, make_head, tiny_inputs
+
+
+@pytest.mark.parametrize("kind", ["tensor", "numpy", "hdf5"])
+def test_bank_matches_prepare_regions_for_every_source(kind, tmp_path):
+    maps = torch.rand(7, 4, 2, 3).half()
+    source = maps if kind == "tensor" else maps.numpy()
+    if kind == "hdf5":
+        with h5py.File(tmp_path / "maps.h5", "w") as f:
+            f["feature_map"] = maps.numpy()
+        source = h5py.File(tmp_path / "maps.h5", "r")["feature_map"]
+    bank = RegionBank(source, dtype=torch.float32, chunk=3)  # chunks that do not divide 7
+    assert (len(bank), bank.num_regions, bank.feature_dim) == (7, 6, 4)
+    index = torch.tensor([6, 0, 3])
+    taken = bank.take(index)
+    torch.testing.assert_close(taken.rows, prepare_regions(maps[index].float()).rows)
+    torch.testing.assert_close(bank.slice(2, 5).rows, prepare_regions(maps[2:5].float()).rows)
+
+
+def test_head_scores_from_bank_equal_scores_from_raw_maps():
+    head = make_head(HeadConfig())
+    _, _, features, _ = tiny_inputs(batch=5)
+    bank = RegionBank(features, dtype=torch.float32)
+    raw = head(features)
+    banked = head(bank.take(torch.arange(5)))
+    torch.testing.assert_close(banked.s1, raw.s1)
+    torch.testing.assert_close(banked.s2, raw.s2)
+    torch.testing.assert_close(banked.beta, raw.beta)
+    assert banked.beta.shape == (5, head.num_attributes, H * W)
+
+
+def test_bank_with_wrong_channel_count_is_refused():
+    head = make_head(HeadConfig())
+    bank = RegionBank(torch.rand(2, F_DIM + 1, H, W))
+    with pytest.raises(ValueError, match=f"regions have {F_DIM + 1} channels"):
+        head(bank.take(torch.tensor([0])))
+    with pytest.raises(ValueError, match="no images"):
+        RegionBank(np.zeros((0, 3, 2, 2), np.float16))
 
 
 def test_store_gathers_the_cached_rows_as_normalised_regions(tiny_cache):

@@ -3,12 +3,11 @@ import h5py
 import numpy as np
 import pytest
 
+from cache import writer as chunk_codec
 from cache.layout import LIBVER, compression_options, create_cache_file
 from cache.reader import FeatureCache
-from extract import chunk_codec
-from extract.chunk_codec import ChunkCodec
-from extract.writer import CacheWriter
-from tests.extract.engine_data import image_dataset
+from cache.writer import CacheWriter, ChunkCodec
+from tests.fixtures.images import image_dataset
 
 SHAPE = (6, 64, 5, 5)
 

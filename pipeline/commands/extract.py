@@ -1,4 +1,5 @@
-"""`msdn extract` into the team store (--cache-dir / MSDN_CACHE_DIR) and/or across torchrun ranks.
+"""`msdn extract`: map command-line options onto a dataset, a backbone spec and the extraction engine
+(extract/extractor.py), into a plain --out file, into the team store, and/or across torchrun ranks.
 
     store, one process   : entry there -> nothing to do; else take the key's lock (a second asker
                            waits, then reuses), extract into staging/extract-<key>/ (always resumable:
@@ -12,19 +13,96 @@ Returns the content key (store) or the output path.
 from __future__ import annotations
 
 import contextlib
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cache import layout as L
 from cache.reader import FeatureCache
 from cache.store import FEATURES_FILE, Store, StoreError, store_root
+from extract.backbones import BackboneSpec
+from extract.datasets import build_dataset, canonical_name
 from extract.distributed import broadcast, dist_env, extract_sharded, process_group, torchrun_world
-from extract.engine import extract_features
+from extract.extractor import ExtractError, extract_features
 from extract.manifest import build_manifest
 from extract.reuse import ReuseError
-from pipeline.extract_job import ExtractOptions, build_inputs
+
+
+@dataclass
+class ExtractOptions:
+    dataset: str = "demo"
+    out: str | None = None              # default: <dataset>_<backbone>_<size>.h5 in the working folder
+    data_root: str | None = None        # default per dataset, see default_data_root
+    xlsa17_root: str | None = None      # default <data_root>/xlsa17
+    w2v_root: str | None = None         # default <data_root>/attribute_w2v (or w2v/)
+    backbone: str = "resnet101"
+    image_size: int = 448
+    weights: str = "imagenet"
+    batch_size: int | None = None       # default per device and backbone (extract/loader.py)
+    device: str = "auto"
+    dtype: str = "float16"
+    compression: str = "lzf"
+    workers: int | None = None          # default per device (extract/loader.py)
+    resume: bool = False
+    skip_bad: bool = False
+    overwrite: bool = False
+    progress: bool = True
+    dataset_options: dict = field(default_factory=dict)  # adapter options, e.g. the demo's images_per_class
+
+
+def default_data_root(dataset: str) -> str:
+    """CUB100 lives in the shared data folder when there is one; everything else follows TransZero's
+    layout under ./data (the demo is rendered into ./data/demo on first use)."""
+    if dataset == "CUB100":
+        try:
+            from extract.datasets.shared_data import find_shared_data
+            return str(find_shared_data())
+        except FileNotFoundError:
+            pass
+    return "data"
+
+
+def default_out(options: ExtractOptions) -> Path:
+    return Path(f"{options.dataset}_{options.backbone}_{options.image_size}.h5")
+
+
+def build_inputs(options: ExtractOptions):
+    """(dataset, backbone spec, output path) that `options` describe."""
+    name = canonical_name(options.dataset)
+    data_root = options.data_root or default_data_root(name)
+    dataset = build_dataset(name, data_root=data_root, xlsa17_root=options.xlsa17_root, w2v_root=options.w2v_root,
+                            **options.dataset_options)
+    try:
+        spec = BackboneSpec(options.backbone, options.image_size, options.weights)
+    except ValueError as err:
+        raise ExtractError(str(err)) from None
+    return dataset, spec, Path(options.out) if options.out else default_out(options)
+
+
+def run_extract(options: ExtractOptions, log=None) -> Path:
+    """Build the dataset and backbone spec from `options` and extract; returns the finished file."""
+    dataset, spec, out = build_inputs(options)
+    return extract_features(dataset, spec, out, batch_size=options.batch_size, device=options.device,
+                            dtype=options.dtype, compression=options.compression, resume=options.resume,
+                            skip_bad=options.skip_bad, overwrite=options.overwrite,
+                            num_workers=options.workers, progress=options.progress, log=log)
+
 
 # Files a finished staging folder may still hold from an earlier, different attempt.
 _LEFTOVER_SUFFIXES = (".partial", ".creating", ".joining", ".recovering", ".lock")
+
+
+def run(options: ExtractOptions, *, cache_dir: str | None = None, materialize: bool = False,
+        log=print) -> str | None:
+    """`msdn extract`: into a plain --out file, or into the store and/or across torchrun ranks.
+    Returns the content key to print (once, on rank 0) when the result went into a store, else None."""
+    if uses_store(options, cache_dir) or torchrun_world() > 1:
+        key = run_extract_scaled(options, cache_dir=cache_dir, materialize=materialize, log=log)
+        if uses_store(options, cache_dir) and os.environ.get("RANK", "0") == "0":
+            return str(key)
+        return None
+    run_extract(options, log=log)
+    return None
 
 
 def uses_store(options: ExtractOptions, cache_dir: str | None) -> bool:

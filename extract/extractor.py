@@ -6,11 +6,11 @@
    with other inputs. A finished file with the same content key is up to date: nothing is done.
 2. The rows still to do go through a DataLoader (decoding in worker processes where cores allow)
    and the backbone (CUDA: autocast, channels_last, pinned memory, non_blocking copies; one batch
-   in flight while the previous one is written; rows compressed in threads, extract/chunk_codec.py),
+   in flight while the previous one is written; rows compressed in threads, ChunkCodec in cache/writer.py),
    and each batch is written and flushed as it comes: memory stays flat.
 3. Work happens in `<out>.partial`, renamed to `<out>` when every row is done or skipped, so `<out>`
    only ever appears complete. An interrupted run (Ctrl-C, kill -9) continues with resume=True.
-   The whole run holds `<out>.lock` (extract/writer.py: output_lock): a second extraction of the
+   The whole run holds `<out>.lock` (cache/writer.py: output_lock): a second extraction of the
    same file refuses while the first runs, so only a partial file whose lock could be taken (its
    writer is gone) is ever recovered and continued.
 
@@ -36,29 +36,27 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cache.layout import (COMPRESSIONS, DTYPES, LIBVER, SKIPPED, create_cache_file, dropped_counts, partial_path,
-                          usable_locations, write_locations)
+from cache.layout import (
+    COMPRESSIONS,
+    DTYPES,
+    LIBVER,
+    SKIPPED,
+    create_cache_file,
+    dropped_counts,
+    partial_path,
+    usable_locations,
+    write_locations,
+)
+from cache.writer import CacheWriter, ExtractError, output_lock
 from extract.backbones import BackboneSpec, build_backbone, build_transform, describe, feature_shape
 from extract.datasets.base import DatasetError, ImageDataset
+from extract.devices import resolve_device
 from extract.loader import ImageRows, default_batch_size, default_num_workers, make_loader
 from extract.manifest import build_manifest, image_file_sizes
 from extract.reuse import check_existing
-from extract.writer import CacheWriter, ExtractError, output_lock
 
 _SHOW_MISSING = 5
 _TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise ExtractError(f"{str(device)!r} is not a device: expected auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ExtractError(f"device {device} requested but CUDA is not available (use --device auto or cpu)")
-    return device
 
 
 def extract_features(dataset: ImageDataset, spec: BackboneSpec, out_path: str | Path, *,
@@ -97,7 +95,7 @@ def extract_features(dataset: ImageDataset, spec: BackboneSpec, out_path: str | 
 def _extract_locked(dataset, spec, out: Path, partial: Path, manifest: dict, image_bytes, *, batch_size, device,
                     amp, dtype, compression, resume, skip_bad, overwrite, num_workers, num_threads, progress,
                     log) -> Path:
-    """The extraction proper, with `out`'s lock held (extract/writer.py: output_lock)."""
+    """The extraction proper, with `out`'s lock held (cache/writer.py: output_lock)."""
     if check_existing(out, partial, manifest, image_bytes, resume=resume, overwrite=overwrite, log=log):
         return out
     if not partial.exists():

@@ -5,7 +5,7 @@ Presets are the README's worked examples, each one command:
            the demo recipe's own 300 steps (what `msdn demo` trains): 36 runs, ~5 min on 2 CPU cores;
   cub100 - CUB-100 real photos, EfficientNet-Lite0 at 224 px, the CUB100 recipe cut to 800 steps,
            8 ablations, 2 seeds (a benchmark: 38 min on 2 free CPU cores, extraction included);
-  causal - the causal-attention screen (pipeline/causal_screen.py): CUB-100 at 224 px, MSDN and 6
+  causal - the causal-attention screen (pipeline/commands/ablate/causal.py): CUB-100 at 224 px, MSDN and 6
            readings of the causal term x 2 weights x 3 seeds, weight chosen on validation, paired
            differences to MSDN in paired.md; `--set` and `--seeds` as usual (448 px: --cache).
 """
@@ -16,11 +16,18 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.ablate import AblationError, builtin_ablations, collect_runs, plan_cells, run_cells, worker_slots
-from pipeline.causal_screen import chosen_weights, plan_screen, write_screen_tables
+from pipeline.commands.ablate.causal import chosen_weights, plan_screen, write_screen_tables
+from pipeline.commands.ablate.grid import (
+    AblationError,
+    builtin_ablations,
+    collect_runs,
+    plan_cells,
+    run_cells,
+    worker_slots,
+)
+from pipeline.commands.tables import write_tables
 from pipeline.config import apply_overrides, load_recipe
 from pipeline.runlog import write_json_atomic
-from pipeline.tables import write_tables
 
 PRESET_BACKBONE = "efficientnet_lite0"  # the one ImageNet backbone available without a download
 
@@ -144,7 +151,7 @@ def _preset(name: str | None) -> Preset | None:
 def _extract_preset(preset: Preset, out: Path, device: str, log) -> Path:
     """The preset's cache in `out` (an up-to-date one is reused by the extraction engine, an
     interrupted one continued: there is no --resume to pass to `msdn ablate`)."""
-    from pipeline.extract_job import ExtractOptions, run_extract
+    from pipeline.commands.extract import ExtractOptions, run_extract
 
     target = out / f"{preset.dataset}_{PRESET_BACKBONE}_{preset.image_size}.h5"
     return run_extract(ExtractOptions(dataset=preset.dataset, out=str(target), backbone=PRESET_BACKBONE,

@@ -18,9 +18,9 @@ from cache.layout import partial_path
 from cache.reader import CacheError, FeatureCache
 from extract.backbones import BackboneSpec
 from extract.datasets import build_dataset
-from extract.engine import extract_features
-from tests.extract.engine_data import mini_cub
-from tests.processes import default_sigint
+from extract.extractor import extract_features
+from tests.fixtures.images import mini_cub
+from tests.fixtures.processes import default_sigint
 
 REPO = Path(__file__).resolve().parents[2]
 SPEC = BackboneSpec("efficientnet_lite0", 224, "imagenet")
@@ -225,7 +225,7 @@ def test_a_second_extraction_of_the_same_out_is_refused_while_the_first_runs(dat
             first.kill()
             first.wait()
     assert before >= 2 and not out.exists()
-    from extract.writer import output_lock
+    from cache.writer import output_lock
     with output_lock(out) as lock:                                    # a killed writer's lock is free
         assert lock == out.with_name("cub.h5.lock") and "pid" in lock.read_text()
     assert not out.with_name("cub.h5.lock").exists()                  # and removed when released

@@ -10,11 +10,11 @@ from PIL import Image
 
 from cache.layout import partial_path
 from cache.reader import FeatureCache
+from cache.writer import output_lock
 from extract.backbones import BackboneSpec, build_backbone, build_transform
 from extract.datasets.base import DatasetError
-from extract.engine import ExtractError, extract_features
-from extract.writer import output_lock
-from tests.extract.engine_data import image_dataset, write_jpeg
+from extract.extractor import ExtractError, extract_features
+from tests.fixtures.images import image_dataset, write_jpeg
 
 SPEC = BackboneSpec("efficientnet_lite0", 96, "imagenet")   # 3 x 3 grid: real weights, cheap
 

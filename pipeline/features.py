@@ -1,6 +1,6 @@
 """Cached region features held where the model reads them fastest, in the layout it reads them in.
 
-The rows are converted once into a `heads.regions.RegionBank`: each region a unit-length row, laid
+The rows are converted once into a `RegionBank`: each region a unit-length row, laid
 out (image, region, channel) as the head's one-GEMM forward wants, so a batch is one row gather
 and no step transposes or normalises features again.
 
@@ -17,10 +17,67 @@ import numpy as np
 import torch
 
 from cache.reader import CacheError
-from heads.regions import RegionBank, Regions
+from heads.regions import Regions, as_maps, normalise_into
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 DEVICE_MEMORY_SHARE = 0.7  # leave the rest for activations, the optimiser and evaluation scores
+CHUNK_BYTES = 32 << 20  # raw maps read at a time: the bank's only large temporary
+
+
+def _read(source, start: int, stop: int) -> torch.Tensor:
+    block = source[start:stop]
+    if not isinstance(block, torch.Tensor):
+        block = torch.from_numpy(np.ascontiguousarray(block))
+    return block.float() if block.dtype == torch.float64 else block
+
+
+class RegionBank:
+    """Pre-normalised region features of many images, resident on `device` as (N, R, f).
+
+    `source` is anything that gives (n, f, H, W) or (n, f, R) arrays for a slice of rows: a tensor,
+    a numpy array, an h5py dataset or a lazy cache reader; it is converted `chunk` images at a time
+    (default: ~CHUNK_BYTES of raw maps) straight into the bank, so the only temporary next to the
+    bank is one small chunk: a larger one costs its size again in peak memory, and on glibc with
+    `keep_freed_memory` the freed chunks fragment the heap into several times the bank's size. Pick `dtype` to match the compute:
+    bfloat16 under bf16 autocast, float16 (no precision lost relative to a float16 cache) or float32
+    otherwise.
+    """
+
+    def __init__(self, source, dtype: torch.dtype = torch.float16, device="cpu", chunk: int | None = None,
+                 pin_memory: bool = False):
+        n = len(source)
+        if n == 0:
+            raise ValueError("RegionBank: the source has no images")
+        first = as_maps(_read(source, 0, 1))
+        _, f, R = first.shape
+        chunk = chunk or max(1, CHUNK_BYTES // (first.numel() * first.element_size()))
+        # pin_memory: a host bank that feeds a GPU through asynchronous copies
+        self.data = torch.empty((n, R, f), dtype=dtype, device=device, pin_memory=pin_memory)
+        for start in range(0, n, chunk):
+            block = _read(source, start, start + chunk).to(device)
+            normalise_into(self.data[start:start + len(block)], block)
+
+    def __len__(self) -> int:
+        return self.data.shape[0]
+
+    @property
+    def feature_dim(self) -> int:
+        return self.data.shape[2]
+
+    @property
+    def num_regions(self) -> int:
+        return self.data.shape[1]
+
+    def take(self, index: torch.Tensor) -> Regions:
+        """Regions of the images `index` (a LongTensor on the bank's device): one gather.
+        Advanced indexing, not index_select: on CPU it is much faster for float16/bfloat16."""
+        rows = self.data[index]
+        return Regions(rows.view(-1, self.feature_dim), rows.shape[0], self.num_regions)
+
+    def slice(self, start: int, stop: int) -> Regions:
+        """Regions of images start..stop-1 without a copy (evaluation in large batches)."""
+        rows = self.data[start:stop]
+        return Regions(rows.reshape(-1, self.feature_dim), rows.shape[0], self.num_regions)
 
 
 def bank_dtype(feature_dtype: str, amp: str) -> str:
