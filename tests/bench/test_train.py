@@ -6,9 +6,21 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from bench import train as bench_train  # noqa: E402
+from heads.runtime import keep_freed_memory  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def restore_process_settings():
+    """The bench sets torch's thread count and the allocator for the whole process; later tests in this
+    process (e.g. an in-process extraction compared bit for bit with a CLI subprocess's) need them back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+    keep_freed_memory(False)
 
 
 @pytest.mark.slow
