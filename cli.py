@@ -94,7 +94,16 @@ FINITE = _FiniteFloat()
 DEVICE_HELP = "auto = cuda if available, else cpu; or cpu, cuda, cuda:N."
 
 
+def _version(ctx, param, value) -> None:
+    if value and not ctx.resilient_parsing:
+        from pipeline import version_line
+        click.echo(version_line())
+        ctx.exit()
+
+
 @click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_version,
+              help="Print the versions of msdn-zsl, python and torch, and exit.")
 @click.option("--debug", is_flag=True, help="Show the traceback of an error instead of its one-line message.")
 def main(debug) -> None:
     """MSDN++ zero-shot learning: extract backbone features once, then train and evaluate in minutes."""
@@ -385,8 +394,9 @@ def _csv(text: str | None, cast=str, option: str = "", minimum=None) -> list | N
 @main.command()
 @click.option("--preset", default=None, help="A worked example: demo, cub100 or causal (extracts its cache into --out once).")
 @click.option("--recipe", default=None, help="Recipe name or .toml path [default: the preset's].")
-@click.option("--cache", "cache_path", default=None, type=click.Path(exists=True, dir_okay=False),
-              help="Feature cache [default: the preset's, extracted into --out].")
+@click.option("--cache", "cache_path", default=None,
+              help="Feature cache: a .h5 file or a store key [default: the preset's, extracted into --out].")
+@click.option("--cache-dir", default=None, help="Store to look keys up in [default: $MSDN_CACHE_DIR].")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Ablation folder.")
 @click.option("--ablation", "ablations", default=None,
               help="Comma-separated built-in ablations, 'all' or 'none' [default: the preset's; all without --grid]. "
@@ -404,7 +414,7 @@ def _csv(text: str | None, cast=str, option: str = "", minimum=None) -> list | N
 @click.option("--weights-from", default=None, type=click.Path(exists=True, dir_okay=False),
               help="--preset causal: train each variant at the weight that this earlier screen's paired.csv "
                    "chose on validation (a confirmation run) instead of the weight grid.")
-def ablate(preset, recipe, cache_path, out_dir, ablations, grid, seeds, overrides, workers, device, overwrite,
+def ablate(preset, recipe, cache_path, cache_dir, out_dir, ablations, grid, seeds, overrides, workers, device, overwrite,
            weights_from):
     """Train a grid of variants x seeds in parallel; write mean ± std tables (CSV, Markdown, LaTeX)."""
     from pipeline.commands.ablate import AblateOptions, run_ablate
@@ -412,7 +422,7 @@ def ablate(preset, recipe, cache_path, out_dir, ablations, grid, seeds, override
     options = AblateOptions(out=out_dir, recipe=recipe, cache=cache_path, preset=preset, ablations=_csv(ablations),
                             grid=list(grid), seeds=_csv(seeds, int, "--seeds", minimum=0),
                             overrides=list(overrides), workers=workers, device=device, overwrite=overwrite,
-                            weights_from=weights_from)
+                            weights_from=weights_from, cache_dir=cache_dir)
     result = run_ablate(options, log=lambda msg: click.echo(msg, err=True))  # Ctrl-C keeps finished cells
     click.echo(result["paths"]["markdown"].read_text())
     if "paired_markdown" in result["paths"]:
@@ -441,8 +451,9 @@ def report(paths, out_dir, no_published):
 @click.option("--run", "run_dir", default=None, type=click.Path(exists=True, file_okay=False),
               help="A `msdn train` run folder (its best.pt and cache are used).")
 @click.option("--checkpoint", default=None, type=click.Path(exists=True, dir_okay=False), help="[default: <run>/best.pt]")
-@click.option("--cache", "cache_path", default=None, type=click.Path(exists=True, dir_okay=False),
-              help="[default: the cache recorded in <run>/config.json]")
+@click.option("--cache", "cache_path", default=None,
+              help="A .h5 file or a store key [default: the cache recorded in <run>/config.json].")
+@click.option("--cache-dir", default=None, help="Store to look keys up in [default: $MSDN_CACHE_DIR].")
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False), help="[default: <run>/pictures]")
 @click.option("--images", default=4, show_default=True, type=click.IntRange(min=0),
               help="Attention pictures: one test image of each of N classes.")
@@ -454,12 +465,12 @@ def report(paths, out_dir, no_published):
 @click.option("--image-root", default=None, type=click.Path(exists=True, file_okay=False),
               help="Image folder, if the images moved since extraction.")
 @click.option("--device", default="auto", show_default=True, callback=_device, help=DEVICE_HELP)
-def visualize(run_dir, checkpoint, cache_path, out_dir, images, rows, top_k, tsne_images, image_root, device):
+def visualize(run_dir, checkpoint, cache_path, cache_dir, out_dir, images, rows, top_k, tsne_images, image_root, device):
     """PNG pictures: attention of top attributes over images, seen-unseen curve, t-SNE of features."""
     from pipeline.commands.visualize import resolve_inputs
     from pipeline.commands.visualize import visualize as draw
 
-    checkpoint, cache_path, out_dir = resolve_inputs(run_dir, checkpoint, cache_path, out_dir)
+    checkpoint, cache_path, out_dir = resolve_inputs(run_dir, checkpoint, cache_path, out_dir, cache_dir)
     draw(checkpoint, cache_path, out_dir, rows=_csv(rows, int, "--rows", minimum=0), images=images,
          top_k=top_k, tsne_images=tsne_images, image_root=image_root, device=device, log=click.echo)
 

@@ -3,8 +3,22 @@ and a plain `--out` extraction's lock (cache/writer.py)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; the store refuses in one line, a plain extraction warns
+    fcntl = None
+
+
+def lock_exclusive(fd: int) -> None:
+    """flock(LOCK_EX | LOCK_NB) on `fd`: BlockingIOError when another process holds it, an OSError
+    with ENOSYS where this platform has no flock (as a filesystem without locks answers)."""
+    if fcntl is None:
+        raise OSError(errno.ENOSYS, "file locking (fcntl.flock) is not available on this platform")
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def same_file(fd: int, path: Path) -> bool:

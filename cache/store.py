@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
 import math
 import os
@@ -36,7 +35,7 @@ import zlib
 from datetime import datetime, timezone
 from pathlib import Path
 
-from cache.locks import lock_holder, same_file
+from cache.locks import lock_exclusive, lock_holder, same_file
 from cache.reader import CacheError
 from cache.record import FEATURES_FILE, RECORD_FORMAT, RecordError, check_file_name, check_files, inside, parse_record
 
@@ -242,15 +241,15 @@ def describe_entry(folder: Path, key: str, manifest: dict, files: dict | None = 
 
 def _try_flock(fd: int, path: Path) -> bool:
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock_exclusive(fd)
         return True
     except BlockingIOError:
         return False
     except OSError as err:
         if err.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
-            raise StoreError(f"{path}: this filesystem does not support file locks ({err.strerror}); "
-                             "mount it with locking enabled (NFS: lockd / no 'nolock'; Lustre: 'flock') "
-                             "or use a store on a local disk") from None
+            raise StoreError(f"{path}: no file locks here ({err.strerror}); the feature store needs them: "
+                             "mount it with locking enabled (NFS: lockd / no 'nolock'; Lustre: 'flock'), "
+                             "use a store on a local disk, or on Windows work without a store (--out files)") from None
         raise
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import fcntl
 import os
 import socket
 import zlib
@@ -49,7 +48,7 @@ from cache.layout import (
     is_writer_flag_error,
     row_crc32,
 )
-from cache.locks import lock_holder, same_file
+from cache.locks import lock_exclusive, lock_holder, same_file
 
 
 class ExtractError(UserError, RuntimeError):
@@ -168,7 +167,7 @@ def _take_lock(out: Path, path: Path, log) -> int | None:
                 raise
             return None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            lock_exclusive(fd)
         except BlockingIOError:
             os.close(fd)
             raise ExtractError(f"{out}: another process is writing it ({lock_holder(path)}, holding {path.name}); wait "
@@ -178,7 +177,7 @@ def _take_lock(out: Path, path: Path, log) -> int | None:
             if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
                 raise
             if log:
-                log(f"warning: {path.parent}: this filesystem has no file locks ({err.strerror}); nothing stops "
+                log(f"warning: {path.parent}: no file locks here ({err.strerror}); nothing stops "
                     f"a second extraction of {out.name} from writing at the same time")
             return None
         if same_file(fd, path):  # else the holder removed it between our open and our lock: again

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import difflib
 import math
-import tomllib
 import typing
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, as the tomli package (a 3.10-only dependency)
+    import tomli as tomllib
 
 from cache.errors import UserError
 from extract.devices import check_device  # noqa: F401 (the CLI checks --device with the other options)

@@ -11,8 +11,11 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 @pytest.fixture(scope="session")
 def shared_data():
-    """The real data folder (../shared/data or $MSDN_SHARED_DATA); fails loudly when missing."""
+    """The real data folder (../shared/data or $MSDN_SHARED_DATA). Missing: a failure under CI=true
+    (CI always has it), elsewhere a skip that says why (a clone of the repository alone has no data)."""
     try:
         return find_shared_data()
     except FileNotFoundError as err:
-        pytest.fail(str(err))
+        if os.environ.get("CI") == "true":
+            pytest.fail(str(err))
+        pytest.skip(f"needs the real test data: {err}")

@@ -18,6 +18,7 @@ import numpy as np
 
 from cache.errors import UserError
 from cache.reader import FeatureCache
+from cache.store import resolve_cache
 from extract.devices import resolve_device
 from pipeline.commands.attention import attribute_features, heat_in_image, load_trained, top_attribute_attention
 from pipeline.features import ResidentFeatures
@@ -63,8 +64,8 @@ def dataset_extras(cache: FeatureCache, image_root: str | Path | None = None) ->
     return extras
 
 
-def resolve_inputs(run_dir, checkpoint, cache_path, out_dir) -> tuple[Path, Path, Path]:
-    """Checkpoint, cache and output folder from a run folder, unless given."""
+def resolve_inputs(run_dir, checkpoint, cache_path, out_dir, cache_dir=None) -> tuple[Path, Path, Path]:
+    """Checkpoint, cache (a file or a store key) and output folder from a run folder, unless given."""
     if run_dir is None and (checkpoint is None or cache_path is None or out_dir is None):
         raise VisualizeError("give --run, or all of --checkpoint, --cache and --out")
     run_dir = Path(run_dir) if run_dir else None
@@ -76,7 +77,7 @@ def resolve_inputs(run_dir, checkpoint, cache_path, out_dir) -> tuple[Path, Path
     checkpoint = Path(checkpoint) if checkpoint else run_dir / "best.pt"
     if not checkpoint.is_file():
         raise VisualizeError(f"{checkpoint}: no checkpoint (an unfinished or failed run?)")
-    return checkpoint, Path(cache_path), Path(out_dir) if out_dir else run_dir / "pictures"
+    return checkpoint, resolve_cache(cache_path, cache_dir), Path(out_dir) if out_dir else run_dir / "pictures"
 
 
 def pick_rows(task, labels: np.ndarray, count: int) -> np.ndarray:

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cache.store import resolve_cache
 from pipeline.commands.ablate.causal import chosen_weights, plan_screen, write_screen_tables
 from pipeline.commands.ablate.grid import (
     AblationError,
@@ -74,6 +75,7 @@ class AblateOptions:
     device: str = "auto"
     overwrite: bool = False
     weights_from: str | None = None  # causal preset: a screen's paired.csv, whose chosen weights are used
+    cache_dir: str | None = None     # the store that --cache keys are looked up in [default: $MSDN_CACHE_DIR]
 
 
 def run_ablate(options: AblateOptions, log=print) -> dict:
@@ -102,7 +104,7 @@ def run_ablate(options: AblateOptions, log=print) -> dict:
         cells = plan_cells(recipe, out, ablations=ablations, grid=options.grid, seeds=seeds, overrides=overrides)
     slots = worker_slots(options.device, options.workers)
 
-    cache = Path(options.cache) if options.cache else _extract_preset(preset, out, options.device, log)
+    cache = resolve_cache(options.cache, options.cache_dir) if options.cache else _extract_preset(preset, out, options.device, log)
     info = cache_info(cache)
     log(f"cache {cache}: {info['dataset']}, {info['backbone']} {info['image_size']} px")
     caption = (f"{info['dataset']}, {info['backbone']} {info['image_size']} px, recipe {recipe}: "
