@@ -117,12 +117,13 @@ def train(config: TrainConfig, cache_path: str | Path, out_dir: str | Path, *, d
 
 
 def validation_line(val: Task | None) -> str:
-    """One line: which classes validate, and where that split came from (see pipeline/tasks.py)."""
+    """Which classes validate, and where that split came from (see pipeline/tasks.py): a line,
+    then each part of the split's note indented on its own, so that a log keeps short lines."""
     if val is None:
         return "validation: none (selection = fixed: the recipe's iterations and gamma)"
-    return (f"validation: {len(val.unseen)} validation classes and {len(val.seen)} seen classes "
-            f"({len(val.train_rows)} training, {len(val.eval_seen_rows)} + {len(val.eval_unseen_rows)} "
-            f"evaluation images); {val.note}")
+    return "\n  ".join([f"validation: {len(val.unseen)} validation classes and {len(val.seen)} seen classes "
+                        f"({len(val.train_rows)} training, {len(val.eval_seen_rows)} + {len(val.eval_unseen_rows)} "
+                        "evaluation images)", *val.note.split("; ")])
 
 
 def evaluation_line(step: int, steps: int, report: dict, losses: dict) -> str:
