@@ -121,8 +121,10 @@ def fit(model: MSDN, store: ResidentFeatures, train_rows: np.ndarray, train_labe
     """Train `model` for `steps` RMSprop steps on the given rows; call `on_eval(step, losses)` every
     `eval_every` steps (and at the last), and `on_log(step, values)` at every host read-back
     (every `log_every` steps: the interval's mean loss terms and "samples_per_s"; nothing is read
-    back for it). Progress: a bar on a terminal, plain lines in a log (extract/progress.py). Returns {"steps", "seconds" (training only),
-    "eval_seconds", "cpu_seconds" (training only; the CPU time a shared machine does not distort), "samples_per_s", "loss" (mean of the last logging interval)}."""
+    back for it). Progress: a bar on a terminal, plain lines in a log (extract/progress.py).
+    Returns {"steps", "seconds" (training only), "eval_seconds", "cpu_seconds" (training only; the
+    CPU time a shared machine does not distort), "samples_per_s", "loss" (mean of the last logging
+    interval)}."""
     device = store.device
     positions = store.positions(train_rows)
     labels_idx = torch.as_tensor(train_labels, dtype=torch.long, device=store.index_device)

@@ -79,8 +79,8 @@ def test_extract_into_a_log_file_writes_short_lines(data_root, shared_data, tmp_
     """`msdn extract ... > log 2>&1`: progress as lines a person can read, no carriage returns."""
     log = tmp_path / "extract.log"
     with log.open("w") as sink:
-        done = subprocess.run([sys.executable, "cli.py", "extract", "--dataset", "CUB100", "--data-root", str(data_root),
-                               "--xlsa17-root", str(shared_data / "xlsa17"), "--w2v-root",
+        done = subprocess.run([sys.executable, "cli.py", "extract", "--dataset", "CUB100",
+                               "--data-root", str(data_root), "--xlsa17-root", str(shared_data / "xlsa17"), "--w2v-root",
                                str(shared_data / "attribute_w2v"), "--backbone", "efficientnet_lite0",
                                "--image-size", "64", "--batch-size", "2", "--workers", "0",
                                "--out", str(tmp_path / "cub.h5")],

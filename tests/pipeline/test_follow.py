@@ -98,8 +98,8 @@ def test_tensorboard_event_files_hold_the_logged_tags(logged_run):
 
 
 def test_missing_tensorboard_is_one_line_before_any_work(tiny_cache, tmp_path):
-    code = ("import sys; sys.modules['tensorboard'] = None\n"
-            f"from cli import main; main({['train', '--recipe', 'demo', '--cache', str(tiny_cache), '--out', 'tb', '--tensorboard', *QUICK]!r})")
+    args = ["train", "--recipe", "demo", "--cache", str(tiny_cache), "--out", "tb", "--tensorboard", *QUICK]
+    code = f"import sys; sys.modules['tensorboard'] = None\nfrom cli import main; main({args!r})"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 1
