@@ -176,9 +176,11 @@ _MAX_MEMORY_OPTION = click.option(
               help="Also report the released code's best-on-TEST numbers, labelled as such.")
 @click.option("--overwrite", is_flag=True, help="Reuse an --out folder that already holds a run.")
 @_MAX_MEMORY_OPTION
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--quiet", is_flag=True, help="No progress bar (or progress lines, when stderr is not a terminal).")
+@click.option("--tensorboard", is_flag=True,
+              help='Also write TensorBoard scalars into <out>/tensorboard (needs pip install "msdn-zsl[tb]").')
 def train(recipe, cache_path, cache_dir, out_dir, overrides, device, deterministic, paper_protocol, overwrite, quiet,
-          max_memory):
+          max_memory, tensorboard):
     """Train the MSDN++ heads on a feature cache; select on validation classes; report on test."""
     from pipeline.commands.cache import resolve_cache
     from pipeline.config import apply_overrides, load_recipe
@@ -189,7 +191,8 @@ def train(recipe, cache_path, cache_dir, out_dir, overrides, device, determinist
     config = apply_overrides(load_recipe(recipe), list(overrides))
     summary = run_training(config, resolve_cache(cache_path, cache_dir), out_dir, device=device,
                            deterministic=deterministic, paper_protocol=paper_protocol, progress=not quiet,
-                           overwrite=overwrite, max_memory=max_memory, log=lambda message: click.echo(message, err=True))
+                           overwrite=overwrite, max_memory=max_memory, log=lambda message: click.echo(message, err=True),
+                           tensorboard=tensorboard)
     click.echo(format_table(summary_rows(summary)))
     click.echo(f"run folder: {out_dir}")
 

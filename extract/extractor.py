@@ -34,7 +34,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from cache.layout import (
     COMPRESSIONS,
@@ -53,6 +52,7 @@ from extract.datasets.base import DatasetError, ImageDataset
 from extract.devices import resolve_device
 from extract.loader import ImageRows, default_batch_size, default_num_workers, make_loader
 from extract.manifest import build_manifest, image_file_sizes
+from extract.progress import progress_bar
 from extract.reuse import check_existing
 
 _SHOW_MISSING = 5
@@ -154,7 +154,8 @@ def _run(dataset, spec, writer: CacheWriter, todo: np.ndarray, *, batch_size, de
         torch.backends.cudnn.benchmark = True  # fixed input size: pick the fastest kernels once
     images = ImageRows(dataset.root, dataset.image_paths, todo, build_transform(spec), spec.image_size)
     loader = make_loader(images, batch_size, num_workers, device)
-    bar = tqdm(total=len(todo), unit="img", disable=not progress, dynamic_ncols=True, smoothing=0.1)
+    # a bar on a terminal; in a log file, a line every $MSDN_PROGRESS_INTERVAL s (extract/progress.py)
+    bar = progress_bar(len(todo), "extract", unit="img", enabled=progress, dynamic_ncols=True, smoothing=0.1)
     pending = None  # the previous batch: written while the device computes the next one
     throttle = float(os.environ.get("MSDN_EXTRACT_THROTTLE_S", 0))
     try:

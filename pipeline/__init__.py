@@ -2,16 +2,12 @@
 evaluate, metrics, checkpoint, run log) here, one module per other command in pipeline/commands/."""
 
 
+
 def version_line() -> str:
-    """`msdn --version`: this package's version (from its install, or "not installed" in a bare
-    checkout), python's and torch's."""
-    import platform
-    from importlib import metadata
+    """`msdn --version`: the running code's version, python's and torch's, and the git commit when
+    run from a checkout (pipeline/provenance.py, as every run's config.json records them)."""
+    from pipeline.provenance import environment
 
-    import torch
-
-    try:
-        version = metadata.version("msdn-zsl")
-    except metadata.PackageNotFoundError:
-        version = "(not installed)"
-    return f"msdn-zsl {version} (python {platform.python_version()}, torch {torch.__version__})"
+    env = environment()
+    commit = f", commit {env['git']['commit'][:12]}{' (modified)' if env['git']['dirty'] else ''}" if env["git"] else ""
+    return f"msdn-zsl {env['msdn_zsl']} (python {env['python']}, torch {env['torch']}{commit})"

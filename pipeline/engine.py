@@ -21,9 +21,9 @@ from typing import Callable
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from cache.errors import UserError
+from extract.progress import progress_bar
 from heads.msdn import MSDN
 from heads.regions import Regions
 from pipeline.features import ResidentFeatures
@@ -110,10 +110,14 @@ def train_step(model: MSDN, optimizer: torch.optim.Optimizer, scaler: torch.amp.
 
 def fit(model: MSDN, store: ResidentFeatures, train_rows: np.ndarray, train_labels: np.ndarray, config, *,
         steps: int, amp: str, on_eval: Callable[[int, dict], None] | None = None, eval_every: int | None = None,
-        desc: str = "train", progress: bool = True) -> dict:
+        desc: str = "train", progress: bool = True, on_log: Callable[[int, dict], None] | None = None) -> dict:
     """Train `model` for `steps` RMSprop steps on the given rows; call `on_eval(step, losses)` every
-    `eval_every` steps (and at the last). Returns {"steps", "seconds" (training only),
-    "eval_seconds", "cpu_seconds" (training only; the CPU time a shared machine does not distort), "samples_per_s", "loss" (mean of the last logging interval)}."""
+    `eval_every` steps (and at the last), and `on_log(step, values)` at every host read-back
+    (every `log_every` steps: the interval's mean loss terms and "samples_per_s"; nothing is read
+    back for it). Progress: a bar on a terminal, plain lines in a log (extract/progress.py).
+    Returns {"steps", "seconds" (training only), "eval_seconds", "cpu_seconds" (training only; the
+    CPU time a shared machine does not distort), "samples_per_s", "loss" (mean of the last logging
+    interval)}."""
     device = store.device
     positions = store.positions(train_rows)
     labels_idx = torch.as_tensor(train_labels, dtype=torch.long, device=store.index_device)
@@ -124,7 +128,7 @@ def fit(model: MSDN, store: ResidentFeatures, train_rows: np.ndarray, train_labe
     history, n_running, last = None, 0, {}
     samples, total_samples, eval_seconds, clock = 0, 0, 0.0, time.perf_counter()
     start, start_cpu, eval_cpu = clock, time.process_time(), 0.0  # CPU: all threads, a streaming reader's too
-    bar = tqdm(total=steps, desc=desc, disable=not progress, dynamic_ncols=True, leave=False)
+    bar = progress_bar(steps, desc, unit="steps", enabled=progress, dynamic_ncols=True, leave=False)
     # closed on the way out, so a streaming store's reading thread stops with the loop
     with contextlib.closing(store.training_batches(positions, sampler, steps, config.batch_size)) as batches:
         for step, (picked, features) in enumerate(batches, start=1):
@@ -155,7 +159,9 @@ def fit(model: MSDN, store: ResidentFeatures, train_rows: np.ndarray, train_labe
                 now = time.perf_counter()
                 last = {k: float(v) for k, v in zip(losses.keys(), values)}
                 last["samples_per_s"] = samples / max(now - clock, 1e-9)
-                bar.set_postfix(loss=f"{last['loss']:.3f}", samples_s=f"{last['samples_per_s']:.0f}")
+                bar.set_postfix({"loss": f"{last['loss']:.3f}", "samples/s": f"{last['samples_per_s']:.0f}"})
+                if on_log is not None:
+                    on_log(step, dict(last))
                 n_running, samples, clock = 0, 0, now
             bar.update(1)
             if on_eval is not None and eval_every and (step % eval_every == 0 or step == steps):

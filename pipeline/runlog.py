@@ -1,5 +1,7 @@
 """The run folder every `msdn train` / `msdn evaluate` writes: config.json, metrics.jsonl (one
-JSON line per evaluation), summary.json, plus the checkpoints. JSON files are replaced atomically."""
+JSON line per evaluation), summary.json, plus the checkpoints. JSON files are replaced atomically.
+config.json also records what produced the run (its "environment": versions, platform, git commit;
+pipeline/provenance.py)."""
 from __future__ import annotations
 
 import json
@@ -56,7 +58,9 @@ class RunLog:
         self.metrics_path.write_text("")
 
     def write_config(self, config: dict) -> Path:
-        return write_json_atomic(self.dir / "config.json", config)
+        """config.json: the run's settings plus "environment" (pipeline/provenance.py)."""
+        from pipeline.provenance import environment
+        return write_json_atomic(self.dir / "config.json", {**config, "environment": environment()})
 
     def log(self, record: dict) -> None:
         with self.metrics_path.open("a") as f:

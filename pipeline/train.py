@@ -24,6 +24,7 @@ import numpy as np
 
 from cache.reader import CacheError, FeatureCache
 from extract.devices import resolve_device
+from extract.progress import above_bars
 from heads.runtime import keep_freed_memory
 from pipeline.checkpoint import cache_identity, save_checkpoint
 from pipeline.config import TrainConfig
@@ -34,19 +35,26 @@ from pipeline.metrics import SCORES_AND_GAMMA
 from pipeline.precision import choose_amp
 from pipeline.runlog import RunLog, write_json_atomic
 from pipeline.tasks import Task, benchmark_task, usable_splits, validation_task
+from pipeline.tb_log import TensorBoardLog, summary_writer_class
 
 
 def train(config: TrainConfig, cache_path: str | Path, out_dir: str | Path, *, device: str = "auto",
           deterministic: bool = False, paper_protocol: bool = False, progress: bool = True,
-          overwrite: bool = False, max_memory: str | None = None, log: Callable[[str], None] | None = None) -> dict:
+          overwrite: bool = False, max_memory: str | None = None, log: Callable[[str], None] | None = None,
+          tensorboard: bool = False) -> dict:
     """Train, select, evaluate; write the run folder; return the summary dict (see summary.json).
     max_memory: the process's memory limit ("6G"; default: from the available memory), which
     decides between the resident bank and streaming (pipeline/memory.py). `log` (default: stderr)
-    gets that choice and one line naming the validation split and where it came from.
+    gets that choice, one line naming the validation split and where it came from, one line per
+    validation evaluation (step, ZSL, U, S, H) and the selection (step, gamma, validation H)
+    before the final run. tensorboard: also write TensorBoard scalars into <out_dir>/tensorboard
+    (pipeline/tb_log.py; a ConfigError before any work when the package is missing).
     A run that diverges (DivergedError) or whose cache holds NaN/inf (CacheError) stops with a
     "failed" record in metrics.jsonl and no summary.json, so that neither `msdn report` nor
     `msdn ablate` takes it for a result."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
+    if tensorboard:
+        summary_writer_class()  # a missing package is refused before anything is read or written
     device, cache_path, out_dir = resolve_device(device), Path(cache_path), Path(out_dir)
     amp_choice = choose_amp(config.amp, device)
     amp = amp_choice.amp
@@ -77,16 +85,22 @@ def train(config: TrainConfig, cache_path: str | Path, out_dir: str | Path, *, d
             "skipped_rows_dropped": skipped, "features": plan,
             "tasks": [t.describe() for t in (val, test) if t is not None]}})
         log(validation_line(val))
+        board = TensorBoardLog(out_dir) if tensorboard else None
         try:
-            common = dict(cache=cache, store=store, labels=labels, amp=amp, run=run, progress=progress)
+            common = dict(cache=cache, store=store, labels=labels, amp=amp, run=run, progress=progress,
+                          log=log, board=board)
             if val is not None:
                 selection = select_on_validation(config, val, **common)
             else:
                 selection = {"mode": "fixed", "iteration": config.iterations, "gamma": config.gamma}
+            log(selection_line(selection, config, paper_protocol=paper_protocol))
             final = train_final(config, test, selection, identity, paper_protocol=paper_protocol, **common)
         except (DivergedError, CacheError) as err:
             run.log({"phase": "failed", "error": str(err)})
             raise
+        finally:
+            if board is not None:
+                board.close()
 
     summary = {
         "recipe": config.recipe, "cache": str(cache_path), "content_key": identity["content_key"],
@@ -96,21 +110,46 @@ def train(config: TrainConfig, cache_path: str | Path, out_dir: str | Path, *, d
                      if val is not None else "fixed schedule and gamma; test evaluated once"),
         "selection": selection, **final,
         "checkpoints": {"best": str(out_dir / "best.pt"), "last": str(out_dir / "last.pt")},
+        **({"tensorboard": str(board.dir)} if board is not None else {}),
     }
     run.write_summary(summary)
     return summary
 
 
 def validation_line(val: Task | None) -> str:
-    """One line: which classes validate, and where that split came from (see pipeline/tasks.py)."""
+    """Which classes validate, and where that split came from (see pipeline/tasks.py): a line,
+    then each part of the split's note indented on its own, so that a log keeps short lines."""
     if val is None:
         return "validation: none (selection = fixed: the recipe's iterations and gamma)"
-    return (f"validation: {len(val.unseen)} validation classes and {len(val.seen)} seen classes "
-            f"({len(val.train_rows)} training, {len(val.eval_seen_rows)} + {len(val.eval_unseen_rows)} "
-            f"evaluation images); {val.note}")
+    return "\n  ".join([f"validation: {len(val.unseen)} validation classes and {len(val.seen)} seen classes "
+                        f"({len(val.train_rows)} training, {len(val.eval_seen_rows)} + {len(val.eval_unseen_rows)} "
+                        "evaluation images)", *val.note.split("; ")])
 
 
-def select_on_validation(config: TrainConfig, val: Task, *, cache, store, labels, amp, run, progress) -> dict:
+def evaluation_line(step: int, steps: int, report: dict, losses: dict) -> str:
+    """One short line per validation evaluation: U, S, H at its best gamma, as the selection reads them."""
+    best = report["best"]
+    loss = f", loss {losses['loss']:.3f}" if losses.get("loss") is not None else ""
+    return (f"validation step {step}/{steps}: ZSL {100 * report['ZSL']:.2f}, U {100 * best['U']:.2f}, "
+            f"S {100 * best['S']:.2f}, H {100 * best['H']:.2f} (gamma {best['gamma']:.3g}), "
+            f"AUSUC {100 * report['AUSUC']:.2f}{loss}")
+
+
+def selection_line(selection: dict, config: TrainConfig, *, paper_protocol: bool) -> str:
+    """What the final run will do, and why: the step and gamma chosen, with the validation H."""
+    steps = max(selection["iteration"], config.iterations) if paper_protocol else selection["iteration"]
+    then = f"final run on trainval: {steps} steps, then the test split"
+    if selection["mode"] != "val":
+        return f"selection: fixed (recipe): step {selection['iteration']}, gamma {selection['gamma']:.3g}; {then}"
+    v = selection["validation"]
+    step = (f"step {selection['iteration']}" if config.select_iterations
+            else f"step {selection['iteration']} (the recipe's; select_iterations = false)")
+    return (f"selected on validation: {step}, gamma {selection['gamma']:.3g}, "
+            f"validation H {100 * v['best']['H']:.2f} (ZSL {100 * v['ZSL']:.2f}); {then}")
+
+
+def select_on_validation(config: TrainConfig, val: Task, *, cache, store, labels, amp, run, progress,
+                         log=None, board: TensorBoardLog | None = None) -> dict:
     model = build_model(config.head, cache, val, store.device, config.seed)
     history = []
 
@@ -120,10 +159,16 @@ def select_on_validation(config: TrainConfig, val: Task, *, cache, store, labels
         record = {"phase": "val", "step": step, "losses": losses, **report}
         run.log(record)
         history.append(record)
+        if log is not None:
+            with above_bars():
+                log(evaluation_line(step, config.iterations, report, losses))
+        if board is not None:
+            board.evaluation("validation", step, report, best_point=True)
 
+    on_log = None if board is None else (lambda step, values: board.training("validation_run", step, values))
     timing = fit(model, store, val.train_rows, val.local_labels(labels[val.train_rows]), config,
                  steps=config.iterations, amp=amp, on_eval=on_eval, eval_every=config.eval_every,
-                 desc="validation run", progress=progress)
+                 desc="validation run", progress=progress, on_log=on_log)
     chosen = choose_evaluation(history) if config.select_iterations else history[-1]
     return {"mode": "val", "iteration": chosen["step"], "gamma": chosen["best"]["gamma"],
             "validation": {k: chosen[k] for k in ("ZSL", "AUSUC", "best")}, "task": val.describe(),
@@ -137,7 +182,7 @@ def choose_evaluation(history: list[dict]) -> dict:
 
 
 def train_final(config: TrainConfig, test: Task, selection: dict, identity: dict, *, cache, store, labels,
-                amp, run, progress, paper_protocol: bool) -> dict:
+                amp, run, progress, paper_protocol: bool, log=None, board: TensorBoardLog | None = None) -> dict:
     model = build_model(config.head, cache, test, store.device, config.seed)
     chosen, gamma = selection["iteration"], selection["gamma"]
     steps = max(chosen, config.iterations) if paper_protocol else chosen
@@ -156,6 +201,8 @@ def train_final(config: TrainConfig, test: Task, selection: dict, identity: dict
             out["test"] = {**_scores(report), "iteration": step, "best_gamma_on_test": report["best"]}
             out["test_gamma0"] = report.get("gamma0", {k: report[k] for k in ("U", "S", "H")})
             checkpoint("best.pt", step, report)
+            if board is not None:
+                board.evaluation("test", step, report, best_point=False)
         if paper_protocol and (step % config.eval_every == 0 or step == steps):
             report = evaluate_task(model, store, test, labels, gamma=0.0, batch_size=config.eval_batch_size, amp=amp)
             run.log({"phase": "test-paper-protocol", "step": step, "losses": losses, **report})
@@ -175,7 +222,8 @@ def train_final(config: TrainConfig, test: Task, selection: dict, identity: dict
                  steps=steps, amp=amp, on_eval=on_eval,
                  # the selected step is a multiple of eval_every or the recipe's last step
                  eval_every=config.eval_every if paper_protocol else chosen,
-                 desc="final run", progress=progress)
+                 desc="final run", progress=progress,
+                 on_log=None if board is None else (lambda step, values: board.training("final_run", step, values)))
     out["timing"] = {"final_train_seconds": timing["seconds"], "final_eval_seconds": timing["eval_seconds"],
                      "final_train_cpu_seconds": timing["cpu_seconds"],
                      "samples_per_s": timing["samples_per_s"]}

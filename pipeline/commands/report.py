@@ -100,7 +100,8 @@ def run_record(run_dir: Path) -> dict:
         method = f"ours: {config['method'].upper()} baseline"
     else:
         method = "ours: MSDN++" if head.get("lambda_causal", 0) > 0 else "ours: MSDN (no causal)"
-    settings = {k: v for k, v in config.items() if k not in ("seed", "run")}
+    # the environment (versions, git commit) says what produced a run, not which settings it used
+    settings = {k: v for k, v in config.items() if k not in ("seed", "run", "environment")}
     return {"method": method, "dataset": info["dataset"], "backbone": info["backbone"],
             "image_size": info.get("image_size"), "seed": config.get("seed"), "status": "done",
             "config_hash": hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8],
