@@ -69,7 +69,7 @@ def test_cli_imports_only_click_and_the_standard_library_besides_pipeline():
     assert tops - set(sys.stdlib_module_names) - {"__future__"} == {"click", "pipeline"}
 
 
-def test_the_checker_sees_an_upward_import(tmp_path):
+def test_the_checker_sees_an_upward_import():
     """The test above can fail: a module of cache/ that imports extract/ is caught."""
     assert not allowed("cache.reader", "extract.writer") and not allowed("heads.msdn", "cache.reader")
     assert not allowed("extract.manifest", "pipeline.config") and not allowed("pipeline.train", "pipeline.commands.cache")

@@ -11,7 +11,7 @@ import pytest
 from tqdm import tqdm
 
 from extract.progress import ENV_INTERVAL, ProgressLines, progress_bar, progress_interval
-from tests.extract.engine_data import mini_cub
+from tests.fixtures.images import mini_cub
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -171,7 +171,7 @@ def test_a_copy_outside_any_checkout_records_no_commit(tiny_cache, tmp_path):
 
 
 def test_baseline_and_evaluate_runs_record_the_environment_too(tiny_cache, tmp_path):
-    from pipeline.baselines import run_baseline
+    from pipeline.commands.baseline import run_baseline
     from pipeline.evaluate import evaluate
     from pipeline.train import train
 
