@@ -1,1 +1,2 @@
-"""The HDF5 feature cache: layout, reader, and the team store (store, verify, transfer, shards, gc)."""
+"""The ground floor: the HDF5 feature cache file format (layout, writer, reader, content key, verify), the
+team store (store, record, transfer, shards, gc, locks) and the user-error base class (errors)."""

@@ -1,1 +1,1 @@
-"""Stage 1: datasets, backbones and the streaming feature extractor."""
+"""Stage 1: datasets, backbones, the streaming feature extractor, its manifest, and --device."""
