@@ -10,8 +10,8 @@ compressed chunks as they are (no recompression) into a fresh file and continues
 
 Rows are compressed by `ChunkCodec` threads and handed to HDF5 as finished chunks (`write_direct_chunk`).
 
-h5py compresses inside H5Dwrite while holding the GIL, one chunk after another: ~100-250 rows/s of
-1280 x 14 x 14 float16 with lzf and ~40 with gzip on one core, far below what a GPU extracts. Here
+h5py compresses inside H5Dwrite while holding the GIL, one chunk after another, far below what a
+GPU extracts (a few hundred rows/s with lzf on one core; README, "GPU path"). Here
 each row is compressed by a thread in C code that releases the GIL, producing exactly the bytes the
 HDF5 filter would store, and HDF5 only copies them into the file:
 

@@ -1,9 +1,9 @@
 """Which autocast precision a run uses, and why: bf16 only pays where the hardware computes it.
 
 On a CPU, bfloat16 matmuls are fast only with native instructions (x86: AVX512-BF16 or AMX-BF16;
-Arm: the BF16 extension). Without them oneDNN converts to float32 and back around each product:
-measured on an AVX2-only CPU, bf16 autocast ran 6x *slower* than float32 (matmul 18-20 against
-136-168 GFLOP/s), while on an AVX512-BF16 CPU it ran 1.8x faster (README, Training speed).
+Arm: the BF16 extension). Without them oneDNN converts to float32 and back around each product,
+and bf16 autocast runs several times slower than float32 (figures: README, "CPU threads on shared
+machines" and "Training speed").
 
 Detection reads the CPU flags the kernel reports (/proc/cpuinfo). MSDN_CPU_BF16=native|emulated
 overrides it (a CPU that hides its flags in a VM, or a test forcing either answer).

@@ -2,7 +2,7 @@
 
 One spawned process per slot trains cells one after another, in-process, exactly as `msdn train`
 would (the same recipe and `--set` list): torch and the readers are imported once per worker
-instead of once per cell, which saves ~10 s a cell on a busy 2-core machine. Each cell's output
+instead of once per cell (seconds a cell on a busy machine). Each cell's output
 (warnings, tracebacks) goes to its own stderr.log. An exception fails only its cell; a worker that
 dies (killed, out of memory) fails the cell it held and is replaced before the next one.
 Spawned, not forked: CUDA cannot be forked, and each worker sets its own CUDA_VISIBLE_DEVICES /
