@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from cache.store import FEATURES_FILE, Store
 from cli import main
-from tests.pipeline.conftest import write_tiny_cache
+from tests.fixtures.caches import write_tiny_cache
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -25,9 +25,8 @@ from pipeline.commands.ablate.grid import (
 )
 from pipeline.commands.ablate.workers import Worker
 from pipeline.config import load_recipe
+from tests.fixtures.caches import write_tiny_cache
 from tests.fixtures.processes import default_sigint
-
-from .conftest import write_tiny_cache
 
 QUICK = ["iterations=20", "eval_every=10", "log_every=10", "batch_size=8", "lr=3e-3", "eval_batch_size=16"]
 GRID = ["lambda_cal=0.05,0.1", "fusion=[0.9,0.1],[0.5,0.5]"]

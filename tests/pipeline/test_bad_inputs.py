@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from .conftest import write_tiny_cache
+from tests.fixtures.caches import write_tiny_cache
 
 REPO = Path(__file__).resolve().parents[2]
 QUICK = ["--set", "iterations=20", "--set", "eval_every=10", "--set", "batch_size=8", "--quiet"]

@@ -12,8 +12,7 @@ from cli import main
 from pipeline.commands.baseline import ESZSL, BaselineConfig, baseline_rows, eszsl_solutions, run_baseline
 from pipeline.metrics import SeenUnseenCurve
 from pipeline.runlog import RunFolderError, format_table
-
-from .conftest import NUM_UNSEEN
+from tests.fixtures.caches import NUM_UNSEEN
 
 
 def _signed_labels(labels, z):

@@ -16,8 +16,7 @@ from pipeline.commands.ablate.causal import (
     select_weights,
 )
 from pipeline.commands.ablate.grid import AblationError
-
-from .conftest import write_tiny_cache
+from tests.fixtures.caches import write_tiny_cache
 
 QUICK = ["iterations=20", "eval_every=10", "log_every=10", "batch_size=8", "lr=3e-3", "eval_batch_size=16"]
 

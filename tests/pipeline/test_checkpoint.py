@@ -20,8 +20,7 @@ from pipeline.checkpoint import (
 )
 from pipeline.engine import build_model
 from pipeline.tasks import benchmark_task
-
-from .conftest import tiny_config, write_tiny_cache
+from tests.fixtures.caches import tiny_config, write_tiny_cache
 
 
 def _model_and_identity(cache_path, seed=0):

@@ -4,7 +4,7 @@ import subprocess
 
 import pytest
 
-from .conftest import write_tiny_cache
+from tests.fixtures.caches import write_tiny_cache
 
 QUICK = ["--set", "iterations=20", "--set", "eval_every=10", "--set", "batch_size=8", "--set", "lr=3e-3"]
 

@@ -13,8 +13,7 @@ from pipeline.engine import DivergedError, build_model, evaluate_task
 from pipeline.features import ResidentFeatures
 from pipeline.tasks import benchmark_task, usable_splits
 from pipeline.train import train
-
-from .conftest import tiny_config, write_tiny_cache
+from tests.fixtures.caches import tiny_config, write_tiny_cache
 
 
 def _diverge(cache, out, **kw):

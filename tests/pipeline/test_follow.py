@@ -14,8 +14,7 @@ import torch
 
 from pipeline.provenance import environment, git_state
 from pipeline.runlog import read_metrics
-
-from .conftest import tiny_config
+from tests.fixtures.caches import tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
 QUICK = ["--set", "iterations=60", "--set", "eval_every=20", "--set", "log_every=10", "--set", "batch_size=8",

@@ -103,7 +103,7 @@ def test_a_streamed_run_gives_the_resident_run_numbers(tiny_cache, tmp_path):
     from pipeline.evaluate import evaluate
     from pipeline.runlog import read_metrics
     from pipeline.train import train
-    from tests.pipeline.conftest import tiny_config
+    from tests.fixtures.caches import tiny_config
     config = tiny_config(iterations=30, eval_every=10, lambda_causal=0.5)
     messages = []
     resident = train(config, tiny_cache, tmp_path / "resident", progress=False, max_memory="64G")

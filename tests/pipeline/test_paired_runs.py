@@ -8,8 +8,7 @@ from cache.reader import FeatureCache
 from pipeline.engine import build_model, fit
 from pipeline.features import ResidentFeatures
 from pipeline.tasks import benchmark_task, usable_splits
-
-from .conftest import tiny_config
+from tests.fixtures.caches import tiny_config
 
 VARIANTS = [{"lambda_causal": 0.0},  # MSDN
             {"lambda_causal": 0.3},  # random counterfactual: draws random numbers every step

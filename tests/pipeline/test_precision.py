@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from pipeline.precision import SlowPrecisionWarning, choose_amp, cpu_bf16
-
-from .conftest import write_tiny_cache
+from tests.fixtures.caches import write_tiny_cache
 
 CPU = torch.device("cpu")
 

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 from pipeline.commands.report import PUBLISHED, ReportError, build_report, published_for
-
-from .conftest import tiny_config, write_tiny_cache
+from tests.fixtures.caches import tiny_config, write_tiny_cache
 
 
 def cache_claiming(path, dataset, backbone, size, key):

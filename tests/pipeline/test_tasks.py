@@ -3,8 +3,7 @@ import pytest
 
 from cache.reader import CacheError, FeatureCache
 from pipeline.tasks import benchmark_task, validation_task
-
-from .conftest import write_tiny_cache
+from tests.fixtures.caches import write_tiny_cache
 
 
 def test_benchmark_task_is_the_xlsa17_split(tiny_cache):

@@ -7,8 +7,7 @@ from pipeline.checkpoint import CheckpointError, load_checkpoint
 from pipeline.evaluate import evaluate
 from pipeline.runlog import RunFolderError, read_metrics
 from pipeline.train import summary_rows, train
-
-from .conftest import tiny_config, write_tiny_cache
+from tests.fixtures.caches import tiny_config, write_tiny_cache
 
 SCORES = ("ZSL", "U", "S", "H", "AUSUC", "gamma")
 
