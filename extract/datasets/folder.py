@@ -82,6 +82,11 @@ def load_folder(data_root: str | Path | None = None, root: str | Path | None = N
         seen_rows = np.isin(labels, seen)
         trainval, test_seen = np.flatnonzero(seen_rows & is_train), np.flatnonzero(seen_rows & ~is_train)
         image_rule = f"train/test as {IMAGES} says"
+    if not len(test_seen):
+        raise DatasetError(f"{root / IMAGES if is_train is not None else root / 'images'}: no test image of a seen "
+                           "class (S and H are measured on them): "
+                           + ("mark some seen-class images 'test'" if is_train is not None else
+                              "every seen class has a single image"))
     val_classes = [c for c, s in enumerate(class_split) if s == "val"]
     if val_classes:
         is_val = np.isin(labels[trainval], val_classes)
@@ -264,6 +269,14 @@ def _read_images_csv(root: Path, class_names: list[str], class_split: list[str],
     return paths, labels_arr, flags_arr
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _number(path: Path, row: int, column: str, text: str) -> float:
     if not text:
         raise _fail(path, row, f"column {column!r}: empty value")
@@ -283,6 +296,9 @@ def _read_attributes(path: Path, class_names: list[str], class_rows: list[int],
     names = header[1:]
     if not names:
         raise _fail(path, number, "the header names no attribute (expected: class,<attribute 1>,<attribute 2>,...)")
+    if all(_is_number(name) for name in names):
+        raise _fail(path, number, f"the first row holds numbers, not attribute names: it must be the header "
+                                  f"(class,<attribute 1>,<attribute 2>,...)")
     seen_at = {}
     for i, name in enumerate(names, start=2):
         if not name:
@@ -348,8 +364,9 @@ def _read_vectors_npy(path: Path, attribute_names: list[str], tables: dict) -> n
 
 def _read_vectors_csv(path: Path, attribute_names: list[str], tables: dict) -> np.ndarray:
     rows = _read_csv(path, tables)
-    if rows[0][1][0] not in attribute_names:  # a header row (`attribute,d1,d2,...`): skip it
-        rows = rows[1:]
+    first = rows[0][1]
+    if first[0] not in attribute_names and not all(_is_number(c) for c in first[1:]):
+        rows = rows[1:]  # a header row (`attribute,d1,d2,...`)
     a, dim, vectors = len(attribute_names), None, []
     for i, (number, cells) in enumerate(rows):
         if i >= a:

@@ -336,3 +336,26 @@ def test_w2v_none_for_every_kind_of_dataset(shared_data, tmp_path):
     assert demo.w2v_att is None and demo.fingerprint()["w2v_att"] == "none"
     with pytest.raises(DatasetError, match="w2v 'no'"):
         build_dataset("demo", root=tmp_path / "demo", w2v="no")
+
+
+def test_headerless_tables_and_nothing_to_test_on(small, tmp_path):
+    root = copy_folder(small, tmp_path / "headerless")
+    rows = read_rows(root / "attributes.csv")
+    write_csv(root / "attributes.csv", rows[1:])                   # the header forgotten
+    with pytest.raises(DatasetError, match=r"attributes.csv: row 1: the first row holds numbers"):
+        load_folder(root=root)
+    write_csv(root / "attributes.csv", rows)
+    names = rows[0][1:]
+    vectors = np.load(root / "attribute_vectors.npy")
+    (root / "attribute_vectors.npy").unlink()
+    data = [["renamed", *map(str, vectors[0])]] + [[n, *map(str, v)] for n, v in zip(names[1:], vectors[1:])]
+    write_csv(root / "attribute_vectors.csv", data)                # a wrong name on row 1 is data, not a header
+    with pytest.raises(DatasetError, match=r"attribute_vectors.csv: row 1: attribute 'renamed', expected"):
+        load_folder(root=root)
+    (root / "attribute_vectors.csv").unlink()
+    images = [["path", "split"]] + [[f"{n}/{f.name}", "" if s == "unseen" else "train"]
+                                    for n, s in read_rows(root / "classes.csv")[1:]
+                                    for f in sorted((root / "images" / n).iterdir())]
+    write_csv(root / "images.csv", images)                          # every seen image 'train'
+    with pytest.raises(DatasetError, match=r"images.csv: no test image of a seen class"):
+        load_folder(root=root)
