@@ -357,8 +357,6 @@ def _read_vectors_npy(path: Path, attribute_names: list[str], tables: dict) -> n
     for i, row in enumerate(vectors):
         if not np.isfinite(row).all():
             raise _fail(path, i + 1, f"attribute {attribute_names[i]!r}: the vector holds NaN or inf")
-        if not row.any():
-            raise _fail(path, i + 1, f"attribute {attribute_names[i]!r}: the vector is all zeros")
     return vectors.astype(np.float32)
 
 
@@ -381,8 +379,6 @@ def _read_vectors_csv(path: Path, attribute_names: list[str], tables: dict) -> n
         elif len(cells) - 1 != dim:
             raise _fail(path, number, f"wrong vector length {len(cells) - 1}, expected {dim} (as on row {rows[0][0]})")
         values = [_number(path, number, f"d{j}", text) for j, text in enumerate(cells[1:], start=1)]
-        if not any(values):
-            raise _fail(path, number, f"attribute {cells[0]!r}: the vector is all zeros")
         vectors.append(values)
     if len(vectors) < a:
         raise _fail(path, None, f"{len(vectors)} attribute rows, but {ATTRIBUTES} has {a} attributes "

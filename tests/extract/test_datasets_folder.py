@@ -359,3 +359,11 @@ def test_headerless_tables_and_nothing_to_test_on(small, tmp_path):
     write_csv(root / "images.csv", images)                          # every seen image 'train'
     with pytest.raises(DatasetError, match=r"images.csv: no test image of a seen class"):
         load_folder(root=root)
+
+
+def test_a_zero_word_vector_is_kept_as_the_real_sun_vectors_have_one(small, tmp_path):
+    root = copy_folder(small, tmp_path / "zero")
+    vectors = np.load(root / "attribute_vectors.npy")
+    vectors[87] = 0.0                                               # SUN's row 88 is all zeros
+    np.save(root / "attribute_vectors.npy", vectors)
+    assert not load_folder(root=root).w2v_att[87].any()
