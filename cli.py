@@ -112,12 +112,16 @@ def main(debug) -> None:
 # ----------------------------------------------------------------------------- stage 1: extract
 @main.command()
 @click.option("--dataset", default="demo", show_default=True,
-              help="CUB, SUN, AWA2, AWA1, APY, FLO (xlsa17), CUB100 (CUB-style folder) or demo.")
+              help="CUB, SUN, AWA2, AWA1, APY, FLO (xlsa17), CUB100 (CUB-style folder), demo, or folder "
+                   "(your own: --data-root DIR with images/<class>/, classes.csv, attributes.csv; README).")
 @click.option("--out", default=None, type=click.Path(dir_okay=False),
               help="Feature cache to write [default: <dataset>_<backbone>_<size>.h5].")
-@click.option("--data-root", default=None, help="Data folder [default: ./data; CUB100: the test-data folder, $MSDN_SHARED_DATA].")
+@click.option("--data-root", default=None, help="Data folder [default: ./data; CUB100: the test-data folder, $MSDN_SHARED_DATA; folder: required].")
 @click.option("--xlsa17-root", default=None, help="Folder with <DS>/att_splits.mat [default: <data-root>/xlsa17].")
 @click.option("--w2v-root", default=None, help="Folder with <DS>_attribute.pkl [default: <data-root>/attribute_w2v].")
+@click.option("--w2v", default="auto", show_default=True, type=click.Choice(["auto", "none"]),
+              help="Attribute word vectors: auto = the dataset's; none = store none, training learns the "
+                   "attribute embeddings from a random init.")
 @click.option("--backbone", default="resnet101", show_default=True,
               type=click.Choice(["resnet101", "efficientnet_lite0"]))
 @click.option("--image-size", default=448, show_default=True, type=click.IntRange(min=32),
@@ -141,13 +145,13 @@ def main(debug) -> None:
                    "when --out is not given]. Prints the key.")
 @click.option("--materialize", is_flag=True,
               help="Under torchrun: join the ranks' shards into one file instead of a virtual dataset.")
-def extract(dataset, out, data_root, xlsa17_root, w2v_root, backbone, image_size, weights, batch_size, device,
+def extract(dataset, out, data_root, xlsa17_root, w2v_root, w2v, backbone, image_size, weights, batch_size, device,
             dtype, compression, workers, resume, skip_bad, overwrite, no_progress, cache_dir, materialize):
     """Stream a dataset's images through a frozen backbone into one HDF5 feature cache."""
     from pipeline.commands.extract import ExtractOptions, run
 
     options = ExtractOptions(dataset=dataset, out=out, data_root=data_root, xlsa17_root=xlsa17_root,
-                             w2v_root=w2v_root, backbone=backbone, image_size=image_size, weights=weights,
+                             w2v_root=w2v_root, w2v=w2v, backbone=backbone, image_size=image_size, weights=weights,
                              batch_size=batch_size, device=device, dtype=dtype, compression=compression,
                              workers=workers, resume=resume, skip_bad=skip_bad, overwrite=overwrite,
                              progress=not no_progress)

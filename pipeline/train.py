@@ -82,7 +82,7 @@ def train(config: TrainConfig, cache_path: str | Path, out_dir: str | Path, *, d
         run.write_config({**config.to_dict(), "run": {
             "cache": str(cache_path), "cache_identity": identity, "device": str(device), "amp": amp,
             "amp_choice": amp_choice.to_dict(), "deterministic": deterministic, "paper_protocol": paper_protocol,
-            "skipped_rows_dropped": skipped, "features": plan,
+            "skipped_rows_dropped": skipped, "features": plan, "attribute_embeddings": attribute_embeddings(cache, config),
             "tasks": [t.describe() for t in (val, test) if t is not None]}})
         log(validation_line(val))
         board = TensorBoardLog(out_dir) if tensorboard else None
@@ -114,6 +114,15 @@ def train(config: TrainConfig, cache_path: str | Path, out_dir: str | Path, *, d
     }
     run.write_summary(summary)
     return summary
+
+
+def attribute_embeddings(cache, config: TrainConfig) -> str:
+    """Where the heads' attribute embeddings V start: the cache's word vectors, or (a cache without
+    w2v_att: FLO, APY, `msdn extract --w2v none`) a random N(0, 1) init that training learns."""
+    if cache.w2v_att is None:
+        return (f"random init N(0, 1), {config.head.w2v_dim}-d, trained (the cache has no word vectors: "
+                "FLO/APY, or extracted with --w2v none)")
+    return f"word vectors from the cache, {cache.w2v_att.shape[1]}-d" + ("" if config.head.trainable_v else ", frozen")
 
 
 def validation_line(val: Task | None) -> str:

@@ -1,6 +1,7 @@
 """Image dataset adapters; each returns an ImageDataset. `build_dataset(name, **options)` picks one."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Callable
 from .base import DatasetError, ImageDataset, check_image_files
 from .cub_folder import load_cub_folder
 from .demo import DemoConfig, load_demo, render_demo
+from .folder import load_folder
 from .xlsa17 import XLSA17_DATASETS, load_xlsa17
 
 
@@ -24,8 +26,11 @@ DATASETS: dict[str, Callable[..., ImageDataset]] = {
     **{name: functools.partial(load_xlsa17, name) for name in XLSA17_DATASETS},
     "CUB100": load_cub_folder,
     "demo": _demo,
+    "folder": load_folder,
 }
 OPTION_ALIASES = {"splits_root": "xlsa17_root"}
+W2V_CHOICES = ("auto", "none")
+W2V_NONE_NOTE = "none (--w2v none): no word vectors stored; training learns the attribute embeddings from a random init"
 
 
 def valid_options(name: str) -> list[str]:
@@ -35,7 +40,7 @@ def valid_options(name: str) -> list[str]:
     names = [p.name for p in params]
     if factory is _demo:
         names += [f for f in DemoConfig.__dataclass_fields__ if f != "seed"]
-    return names
+    return names + ["w2v"] * ("w2v" not in names)
 
 
 def canonical_name(name: str) -> str:
@@ -50,14 +55,26 @@ def canonical_name(name: str) -> str:
 
 def build_dataset(name: str, **options) -> ImageDataset:
     """Load dataset `name` (see DATASETS). Options left as None are dropped, so a CLI can pass every
-    option it has; `splits_root` is accepted for `xlsa17_root`."""
+    option it has; `splits_root` is accepted for `xlsa17_root`. Every dataset takes `w2v`: "auto"
+    (its word vectors, where it has them) or "none" (no word vectors: w2v_att = None, and training
+    learns the attribute embeddings from a random init); adapters that read word vectors skip
+    them, the others' are dropped after loading."""
     name = canonical_name(name)
     options = {OPTION_ALIASES.get(k, k): v for k, v in options.items() if v is not None}
     unknown = sorted(set(options) - set(valid_options(name)))
     if unknown:
         raise DatasetError(f"{name}: unknown options {unknown}; valid: {', '.join(valid_options(name))}")
-    return DATASETS[name](**options)
+    w2v = options.get("w2v", "auto")
+    if w2v not in W2V_CHOICES:
+        raise DatasetError(f"{name}: w2v {w2v!r}: expected one of {', '.join(W2V_CHOICES)}")
+    factory = DATASETS[name]
+    if "w2v" not in inspect.signature(factory).parameters:
+        options.pop("w2v", None)
+    dataset = factory(**options)
+    if w2v == "none":
+        dataset = dataclasses.replace(dataset, w2v_att=None, source={**dataset.source, "w2v_att": W2V_NONE_NOTE})
+    return dataset
 
 
 __all__ = ["DATASETS", "DatasetError", "ImageDataset", "build_dataset", "canonical_name", "check_image_files",
-           "load_cub_folder", "load_demo", "load_xlsa17", "render_demo", "valid_options"]
+           "load_cub_folder", "load_demo", "load_folder", "load_xlsa17", "render_demo", "valid_options"]

@@ -35,6 +35,9 @@ class ImageDataset:
     attribute_names: list[str] | None = None
     boxes: np.ndarray | None = None   # (N, 4) float32 x0, y0, x1, y1 in image pixels (demo only)
     source: dict = field(default_factory=dict)  # where it came from, for the manifest (paths, options)
+    # sha256 of the files an adapter read its tables from (the folder adapter's CSVs): part of the
+    # fingerprint, so an edited table gives a new content key even where the arrays above do not change
+    tables: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
@@ -95,14 +98,18 @@ class ImageDataset:
         return [p for p in (os.path.join(root, rel) for rel in self.image_paths) if not os.path.isfile(p)]
 
     def fingerprint(self) -> dict[str, str]:
-        """sha256 hashes of everything that defines the dataset's content (for the manifest)."""
-        return {
+        """sha256 hashes of everything that defines the dataset's content (for the manifest). `tables`
+        enters only when an adapter sets it, so the keys of the other datasets' caches stay as they were."""
+        hashes = {
             "images": _sha256_json([self.image_paths, self.labels.tolist()]),
             "splits": _sha256_json({k: v.tolist() for k, v in sorted(self.splits.items())}),
             "att": _sha256_array(self.att),
             "original_att": _sha256_array(self.original_att),
             "w2v_att": _sha256_array(self.w2v_att) if self.w2v_att is not None else "none",
         }
+        if self.tables:
+            hashes["tables"] = _sha256_json(dict(sorted(self.tables.items())))
+        return hashes
 
 
 def check_image_files(dataset: ImageDataset) -> list[str]:

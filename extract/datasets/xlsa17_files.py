@@ -134,9 +134,9 @@ def load_word_vectors(w2v_root: Path | None, names: list[str], num_attributes: i
                                    f"for the {num_attributes} attributes of att")
             return w2v.astype(np.float64), str(path)
     if required:
-        raise DatasetError(f"{w2v_root}: no attribute word vectors ({', '.join(tried)}); pass --w2v-root <folder> "
-                           "(w2v_root= in Python, where w2v='none' instead learns the attribute embeddings from "
-                           "a random init)")
+        raise DatasetError(f"{w2v_root}: no attribute word vectors ({', '.join(tried)}); pass --w2v-root <folder>, "
+                           "or --w2v none to learn the attribute embeddings from a random init instead (in "
+                           "Python: w2v_root=, w2v='none')")
     return None, None
 
 

@@ -35,6 +35,7 @@ class ExtractOptions:
     data_root: str | None = None        # default per dataset, see default_data_root
     xlsa17_root: str | None = None      # default <data_root>/xlsa17
     w2v_root: str | None = None         # default <data_root>/attribute_w2v (or w2v/)
+    w2v: str = "auto"                   # "none": no word vectors in the cache (random-init embeddings)
     backbone: str = "resnet101"
     image_size: int = 448
     weights: str = "imagenet"
@@ -50,9 +51,12 @@ class ExtractOptions:
     dataset_options: dict = field(default_factory=dict)  # adapter options, e.g. the demo's images_per_class
 
 
-def default_data_root(dataset: str) -> str:
+def default_data_root(dataset: str) -> str | None:
     """CUB100 lives in the shared data folder when there is one; everything else follows TransZero's
-    layout under ./data (the demo is rendered into ./data/demo on first use)."""
+    layout under ./data (the demo is rendered into ./data/demo on first use). A `folder` dataset
+    has no default: the adapter asks for --data-root."""
+    if dataset == "folder":
+        return None
     if dataset == "CUB100":
         try:
             from extract.datasets.shared_data import find_shared_data
@@ -71,7 +75,7 @@ def build_inputs(options: ExtractOptions):
     name = canonical_name(options.dataset)
     data_root = options.data_root or default_data_root(name)
     dataset = build_dataset(name, data_root=data_root, xlsa17_root=options.xlsa17_root, w2v_root=options.w2v_root,
-                            **options.dataset_options)
+                            w2v=options.w2v, **options.dataset_options)
     try:
         spec = BackboneSpec(options.backbone, options.image_size, options.weights)
     except ValueError as err:

@@ -6,11 +6,11 @@ from extract.datasets import DATASETS, DatasetError, build_dataset, valid_option
 
 
 def test_registry_names():
-    assert list(DATASETS) == ["CUB", "SUN", "AWA2", "AWA1", "APY", "FLO", "CUB100", "demo"]
+    assert list(DATASETS) == ["CUB", "SUN", "AWA2", "AWA1", "APY", "FLO", "CUB100", "demo", "folder"]
 
 
 def test_unknown_name_lists_the_valid_ones():
-    with pytest.raises(DatasetError, match="unknown dataset 'CUB200'; valid names: CUB, SUN, AWA2, AWA1, APY, FLO, CUB100, demo"):
+    with pytest.raises(DatasetError, match="unknown dataset 'CUB200'; valid names: CUB, SUN, AWA2, AWA1, APY, FLO, CUB100, demo, folder"):
         build_dataset("CUB200")
 
 

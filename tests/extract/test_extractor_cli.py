@@ -1,5 +1,5 @@
 """`msdn extract` as a user runs it: a real subprocess killed with SIGKILL mid-run and resumed, Ctrl-C,
-and one-line errors for bad paths and images. Data: 40 real CUB photos of 4 species (engine_data)."""
+and one-line errors for bad paths and images. Data: 40 real CUB photos of 4 species (tests/fixtures/images.py)."""
 import os
 import signal
 import subprocess
