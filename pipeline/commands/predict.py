@@ -39,9 +39,7 @@ from cache.store import resolve_cache, store_root
 from extract.backbone_weights import BackboneWeightsError, weights_sha256
 from extract.backbones import BackboneSpec, build_backbone, build_transform, describe, resolve_weights
 from extract.devices import resolve_device
-# The extractor's own forward and autocast choice, deliberately: the same code path gives the same
-# maps (bit for bit on the same device and thread count) as the cache's rows.
-from extract.extractor import _autocast_dtype, _forward
+from extract.extractor import _autocast_dtype, _forward  # the extractor's own: the cache's bits
 from extract.loader import ImageRows, default_batch_size
 from heads.config import HeadConfig
 from pipeline.checkpoint import cache_identity, check_compatible, load_checkpoint, load_weights
@@ -135,7 +133,7 @@ def find_cache(checkpoint: Path, ckpt: dict, cache: str | Path | None, cache_dir
         except UserError:
             pass
     where = (f"its run records {recorded}, which is not there" if recorded is not None else
-             f"no run config.json next to it names one" if not config_file.is_file() else
+             "no run config.json next to it names one" if not config_file.is_file() else
              f"{config_file} names no cache")
     raise PredictError(f"{checkpoint}: cannot find the feature cache it was trained on ({where}; content key "
                        f"{key[:16]}...); pass --cache PATH or a store KEY (with --cache-dir)")
@@ -334,8 +332,8 @@ def predict(checkpoint: str | Path, images: list[str | Path], *, cache: str | Pa
     if log is not None:
         log(f"{predictor.checkpoint}: cache {predictor.cache_path}, backbone {predictor.spec.name}"
             f"@{predictor.spec.image_size}px ({predictor.weights_file or 'random init'}), "
-            f"{'GZSL, all classes, gamma %.4g' % predictor.gamma if all_classes else 'ZSL, unseen classes'}, "
-            f"on {predictor.device}")
+            + (f"GZSL, all classes, gamma {predictor.gamma:.4g}" if all_classes else "ZSL, unseen classes")
+            + f", on {predictor.device}")
     maps = image_maps(predictor, images)
     scores, attribute_scores = head_outputs(predictor, maps)
     return [image_result(predictor, str(path), scores[i], attribute_scores[i], top_k=top_k,
