@@ -392,13 +392,14 @@ def format_results(results: list[dict]) -> str:
         lines.append(f"{r['image']}  ->  {p['name']} (class {p['class']}, {'seen' if p['seen'] else 'unseen'})  "
                      f"[{setting}]")
         for rank, t in enumerate(r["top"], 1):
-            lines.append(f"  {rank:>2}. {t['score']:>9.4f}  {t['name']}{'' if t['seen'] or r['setting'] == 'ZSL' else '  (unseen)'}")
+            kind = "" if r["setting"] == "ZSL" else ("  (seen)" if t["seen"] else "  (unseen)")
+            lines.append(f"  {rank:>2}. {t['score']:>9.4f}  {t['name']}{kind}")
         if r["attributes"]:
             parts = r["score_parts"]
             lines.append(f"  why {p['name']}: its top {len(r['attributes'])} attributes by contribution "
                          f"(class attribute value x image attribute score); all contributions sum to "
                          f"{parts['attributes']:.4f}, + bias {parts['bias']:+.4f}"
-                         + (f" - gamma {-parts['calibration']:.4g}" if parts["calibration"] else "")
+                         + (f" - gamma ({-parts['calibration']:.4g})" if parts["calibration"] else "")
                          + f" = score {p['score']:.4f}")
             for a in r["attributes"]:
                 lines.append(f"      {a['contribution']:+.4f}  {a['name']}  (class {a['class_value']:.3f} x image "
