@@ -95,6 +95,9 @@ def load_predictor(checkpoint: str | Path, *, cache: str | Path | None = None, c
             raise PredictError(f"{cache_path}: the cache has no manifest (written by another tool?), so the backbone "
                                "and preprocessing that made its features are unknown; predict needs a cache from "
                                "`msdn extract`")
+        if manifest.get("dtype", "float16") not in _TORCH_DTYPES:
+            raise PredictError(f"{cache_path}: manifest dtype {manifest.get('dtype')!r} is not one extraction "
+                               f"writes ({', '.join(_TORCH_DTYPES)})")
         spec, weights_file = backbone_for(manifest, cache_path, weights)
         if tuple(fc.feature_shape) != tuple(describe_shape(manifest)):
             raise PredictError(f"{cache_path}: features of shape {tuple(fc.feature_shape)} but its manifest "
