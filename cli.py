@@ -224,6 +224,38 @@ def evaluate(checkpoint, cache_path, cache_dir, out_dir, gamma, device, overwrit
     click.echo(format_table(evaluation_rows(summary)))
 
 
+
+@main.command()
+@click.option("--checkpoint", required=True, type=click.Path(exists=True, dir_okay=False), help="best.pt or last.pt.")
+@click.argument("images", nargs=-1, required=True, metavar="IMAGE...")
+@click.option("--cache", "cache_path", default=None,
+              help="The cache the checkpoint was trained on [default: the one its run's config.json records].")
+@click.option("--cache-dir", default=None, help="Store to look keys up in [default: $MSDN_CACHE_DIR].")
+@click.option("--weights", default=None, type=click.Path(dir_okay=False),
+              help="The backbone weights file, if it moved since extraction (its sha256 must match).")
+@click.option("--all", "all_classes", is_flag=True,
+              help="GZSL: rank all classes, seen-class scores minus the run's gamma [default: ZSL, unseen only].")
+@click.option("--top-k", default=5, show_default=True, type=click.IntRange(min=1), help="Classes shown per image.")
+@click.option("--attributes", "num_attributes", default=5, show_default=True, type=click.IntRange(min=0),
+              help="Attributes shown per image (largest contributions to the top class's score).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per image (one per line).")
+@click.option("--device", default="auto", show_default=True, callback=_device, help=DEVICE_HELP)
+def predict(checkpoint, images, cache_path, cache_dir, weights, all_classes, top_k, num_attributes, as_json, device):
+    """Classify photos with a trained checkpoint: top classes and the attributes behind the decision."""
+    import json
+
+    from pipeline.commands.predict import format_results
+    from pipeline.commands.predict import predict as run_prediction
+
+    results = run_prediction(checkpoint, list(images), cache=cache_path, cache_dir=cache_dir, weights=weights,
+                             device=device, top_k=top_k, all_classes=all_classes, num_attributes=num_attributes,
+                             log=lambda message: click.echo(message, err=True))
+    if as_json:
+        for result in results:
+            click.echo(json.dumps(result))
+    else:
+        click.echo(format_results(results))
+
 @main.command()
 @click.option("--cache", "cache_path", required=True, help="Feature cache: a .h5 file or a store key.")
 @click.option("--cache-dir", default=None, help="Store to look keys up in [default: $MSDN_CACHE_DIR].")

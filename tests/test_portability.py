@@ -39,6 +39,7 @@ def test_without_fcntl_everything_imports_and_the_store_says_why_it_cannot_lock(
         "import sys; sys.modules['fcntl'] = None\n"
         "import cli, pipeline.train, pipeline.evaluate, pipeline.commands.extract, pipeline.commands.cache\n"
         "import pipeline.commands.ablate, pipeline.commands.report, pipeline.commands.visualize\n"
+        "import pipeline.commands.predict\n"
         "from cache.store import Store, StoreError\n"
         "from cache.writer import output_lock\n"
         f"with output_lock({str(tmp_path / 'x.h5')!r}, log=print) as held: print('held', held)\n"
@@ -65,6 +66,7 @@ DEVICE_COMMANDS = [
     ["demo", "--out", "{tmp}/demo"],
     ["ablate", "--recipe", "demo", "--cache", "{file}", "--out", "{tmp}/ab"],
     ["visualize", "--checkpoint", "{file}", "--cache", "{file}", "--out", "{tmp}/pics"],
+    ["predict", "--checkpoint", "{file}", "{file}"],
 ]
 
 
