@@ -79,7 +79,7 @@ def extract_features(dataset: ImageDataset, spec: BackboneSpec, out_path: str | 
         raise ExtractError(f"batch size must be >= 1 and workers >= 0, got {batch_size} and {num_workers}")
 
     preflight_images(dataset)
-    amp = _autocast_dtype(device, dtype)
+    amp = autocast_dtype(device, dtype)
     image_bytes = image_file_sizes(dataset)
     manifest = build_manifest(dataset, spec, dtype=dtype, compression=compression, compute={
         "device": device.type, "autocast": str(amp).replace("torch.", "") if amp else None,
@@ -160,7 +160,7 @@ def _run(dataset, spec, writer: CacheWriter, todo: np.ndarray, *, batch_size, de
     throttle = float(os.environ.get("MSDN_EXTRACT_THROTTLE_S", 0))
     try:
         for rows, batch, errors in loader:
-            maps, finite, ready = _forward(model, batch, device, amp, dtype)
+            maps, finite, ready = forward_batch(model, batch, device, amp, dtype)
             if pending is not None:
                 _store(writer, *pending, images, skip_bad, bar)
                 if throttle:
@@ -172,7 +172,7 @@ def _run(dataset, spec, writer: CacheWriter, todo: np.ndarray, *, batch_size, de
         bar.close()
 
 
-def _forward(model, batch: torch.Tensor, device, amp, dtype):
+def forward_batch(model, batch: torch.Tensor, device, amp, dtype):
     """Run the backbone; on CUDA only enqueue it, with a copy of the maps into pinned host memory,
     and return the event that says when that copy has landed. Also returns, per image, whether its
     maps are finite as stored: the cast to float16 turns values above 65504 into inf (a float32
@@ -244,7 +244,7 @@ def _codec_threads(device: torch.device) -> int:
     return max(2, min(8, cores // 2)) if device.type == "cuda" else 1
 
 
-def _autocast_dtype(device: torch.device, dtype: str):
+def autocast_dtype(device: torch.device, dtype: str):
     """bf16 autocast where the GPU has it, else fp16; none on CPU or when float32 maps are asked for."""
     if device.type != "cuda" or dtype != "float16":
         return None

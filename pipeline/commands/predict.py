@@ -7,7 +7,7 @@ the seen/unseen split; the checkpoint holds the heads and the calibration gamma 
 
 An image then takes the path of a cache row: decoded and transformed as extraction decodes it
 (extract/loader.py ImageRows + extract/backbones.py build_transform), through the same frozen
-backbone the same way (extract/extractor.py `_forward`, so the maps are those a cache row would
+backbone the same way (extract/extractor.py `forward_batch`, so the maps are those a cache row would
 hold, in the cache's dtype), into region rows as the feature bank makes them (pipeline/features.py
 RegionBank -> heads/regions.py normalise_into), and through the heads under the run's autocast
 (the scorer of pipeline/engine.py predict_scores). So an image of the cache gets the scores
@@ -39,7 +39,7 @@ from cache.store import resolve_cache, store_root
 from extract.backbone_weights import BackboneWeightsError, weights_sha256
 from extract.backbones import BackboneSpec, build_backbone, build_transform, describe, resolve_weights
 from extract.devices import resolve_device
-from extract.extractor import _autocast_dtype, _forward  # the extractor's own: the cache's bits
+from extract.extractor import autocast_dtype, forward_batch  # the extractor's own: the cache's bits
 from extract.loader import ImageRows, default_batch_size
 from heads.config import HeadConfig
 from pipeline.checkpoint import cache_identity, check_compatible, load_checkpoint, load_weights
@@ -262,7 +262,7 @@ def image_maps(predictor: Predictor, images: list[Path]) -> torch.Tensor:
             raise PredictError(f"{path}: image not found")
     spec = predictor.spec
     rows = ImageRows("", [str(p) for p in images], np.arange(len(images)), build_transform(spec), spec.image_size)
-    amp = _autocast_dtype(predictor.device, predictor.cache_dtype)
+    amp = autocast_dtype(predictor.device, predictor.cache_dtype)
     out = []
     for start in range(0, len(images), predictor.batch_size):
         items = [rows[k] for k in range(start, min(start + predictor.batch_size, len(images)))]
@@ -273,7 +273,7 @@ def image_maps(predictor: Predictor, images: list[Path]) -> torch.Tensor:
         # A lone image goes through as a batch of two (itself twice): on the CPU, convolution for a
         # batch of one takes other kernels, whose float16 maps differed in the last bit (measured),
         # while batches of 2..22 gave the cache's bits exactly.
-        maps, finite, ready = _forward(predictor.backbone, batch.repeat(2, 1, 1, 1) if len(batch) == 1 else batch,
+        maps, finite, ready = forward_batch(predictor.backbone, batch.repeat(2, 1, 1, 1) if len(batch) == 1 else batch,
                                        predictor.device, amp, _TORCH_DTYPES[predictor.cache_dtype])
         maps, finite = maps[:len(batch)], finite[:len(batch)]
         if ready is not None:
