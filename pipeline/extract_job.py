@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cache.reader import CacheError
-from extract.backbones import BackboneSpec, BackboneWeightsError
+from extract.backbones import BackboneSpec, BackboneWeightsError, feature_shape
 from extract.datasets import DatasetError, build_dataset, canonical_name
 from extract.engine import ExtractError, extract_features
 
@@ -60,6 +60,7 @@ def build_inputs(options: ExtractOptions):
                             **options.dataset_options)
     try:
         spec = BackboneSpec(options.backbone, options.image_size, options.weights)
+        feature_shape(spec)  # timm:<model>: timm installed, knows the model, gives a map at this size
     except ValueError as err:
         raise ExtractError(str(err)) from None
     return dataset, spec, Path(options.out) if options.out else default_out(options)
