@@ -83,7 +83,14 @@ def test_vit_map_is_the_patch_tokens_without_class_and_register_tokens():
 
 def test_channels_last_output_of_swin_is_permuted_to_channels_first():
     spec = BackboneSpec("timm:swin_tiny_patch4_window7_224", 64, "random")
-    assert feature_shape(spec) == (768, 2, 2)  # timm's Swin features come (B, H, W, C)
+    assert feature_shape(spec) == (768, 2, 2)
+    model = build_backbone(spec)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        raw = model.body.net(x)[-1]  # timm's Swin features come (B, H, W, C)
+        maps = model(x)
+    assert tuple(raw.shape) == (1, 2, 2, 768)
+    torch.testing.assert_close(maps, raw.permute(0, 3, 1, 2))
 
 
 def test_transform_is_timms_own_eval_transform(shared_data):
