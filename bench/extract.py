@@ -174,7 +174,7 @@ def choose_weights(spec_name: str, image_size: int, asked: str) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", default="efficientnet_lite0", choices=["efficientnet_lite0", "resnet101"])
+    parser.add_argument("--backbone", default="efficientnet_lite0", choices=["efficientnet_lite0", "efficientnet_lite2", "resnet101"])
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--weights", default="auto", help="auto (imagenet if present, else random), imagenet, random, path")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (extraction and bare forward)")

@@ -15,8 +15,10 @@ import numpy as np
 
 from cache.layout import DTYPES, FORMAT_VERSION
 
-# describe() fields that say where the weights came from, not what they are (weights_sha256 is kept).
-_PROVENANCE_FIELDS = ("weights", "weights_source", "weights_file")
+# describe() fields that say where the weights came from, not what they are (weights_sha256 is kept),
+# and facts that follow from the backbone's name (native_resolution) or are package versions
+# (timm_version, like torch's): recorded, not hashed, so adding such a record keeps old keys valid.
+_PROVENANCE_FIELDS = ("weights", "weights_source", "weights_file", "native_resolution", "timm_version")
 
 
 def sizes_sha256(sizes: np.ndarray) -> str:

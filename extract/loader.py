@@ -60,8 +60,13 @@ def default_batch_size(backbone: str, image_size: int, device: torch.device) -> 
     """Large batches on a GPU; small ones on a CPU, where they ran faster per image (see above)."""
     pixels = (image_size / 224) ** 2
     if device.type == "cuda":
-        return max(8, int((256 if backbone == "efficientnet_lite0" else 128) / pixels))
-    return max(1, round((4 if backbone == "efficientnet_lite0" else 8) / pixels))
+        return max(8, int((256 if _is_lite(backbone) else 128) / pixels))
+    return max(1, round((4 if _is_lite(backbone) else 8) / pixels))
+
+
+def _is_lite(backbone: str) -> bool:
+    """EfficientNet-Lite0/Lite2: depthwise blocks whose expanded activations favour small CPU batches."""
+    return backbone.startswith("efficientnet_lite")
 
 
 def make_loader(images: ImageRows, batch_size: int, num_workers: int, device: torch.device) -> DataLoader:

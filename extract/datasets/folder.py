@@ -299,8 +299,8 @@ def _read_attributes(path: Path, class_names: list[str], class_rows: list[int],
     if not names:
         raise _fail(path, number, "the header names no attribute (expected: class,<attribute 1>,<attribute 2>,...)")
     if all(_is_number(name) for name in names):
-        raise _fail(path, number, f"the first row holds numbers, not attribute names: it must be the header "
-                                  f"(class,<attribute 1>,<attribute 2>,...)")
+        raise _fail(path, number, "the first row holds numbers, not attribute names: it must be the header "
+                                  "(class,<attribute 1>,<attribute 2>,...)")
     seen_at = {}
     for i, name in enumerate(names, start=2):
         if not name:

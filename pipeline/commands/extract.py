@@ -20,7 +20,7 @@ from pathlib import Path
 from cache import layout as L
 from cache.reader import FeatureCache
 from cache.store import FEATURES_FILE, Store, StoreError, store_root
-from extract.backbones import BackboneSpec
+from extract.backbones import BackboneSpec, check_backbone_name, feature_shape  # noqa: F401 (cli: --backbone)
 from extract.datasets import build_dataset, canonical_name
 from extract.distributed import broadcast, dist_env, extract_sharded, process_group, torchrun_world
 from extract.extractor import ExtractError, extract_features
@@ -67,7 +67,8 @@ def default_data_root(dataset: str) -> str | None:
 
 
 def default_out(options: ExtractOptions) -> Path:
-    return Path(f"{options.dataset}_{options.backbone}_{options.image_size}.h5")
+    backbone = options.backbone.replace(":", "-")  # timm:<model> -> timm-<model>: no colon in file names
+    return Path(f"{options.dataset}_{backbone}_{options.image_size}.h5")
 
 
 def build_inputs(options: ExtractOptions):
@@ -78,6 +79,7 @@ def build_inputs(options: ExtractOptions):
                             w2v=options.w2v, **options.dataset_options)
     try:
         spec = BackboneSpec(options.backbone, options.image_size, options.weights)
+        feature_shape(spec)  # timm:<model>: timm installed, knows the model, gives a map at this size
     except ValueError as err:
         raise ExtractError(str(err)) from None
     return dataset, spec, Path(options.out) if options.out else default_out(options)

