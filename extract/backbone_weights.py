@@ -105,3 +105,15 @@ def weights_sha256(path: str | Path) -> str:
                 digest.update(chunk)
         _HASH_CACHE[key] = digest.hexdigest()
     return _HASH_CACHE[key]
+
+
+def weights_record(spec, path: Path | None, imagenet_source: str) -> dict:
+    """The describe() fields every backbone shares: what was asked, and where its weights came from
+    (`path` None = random init)."""
+    if spec.weights == "imagenet":
+        source = imagenet_source
+    else:
+        source = "random init (tests only)" if path is None else "local file"
+    return {"name": spec.name, "image_size": spec.image_size, "weights": spec.weights, "weights_source": source,
+            "weights_file": None if path is None else str(path),
+            "weights_sha256": None if path is None else weights_sha256(path), "random_init": path is None}

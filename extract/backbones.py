@@ -36,6 +36,7 @@ from extract.backbone_weights import (
     lite2_imagenet_file,
     resnet101_cache_path,
     resnet101_imagenet_file,
+    weights_record,
     weights_sha256,
 )
 from extract.efficientnet_lite import EfficientNetLite, EfficientNetLite0, EfficientNetLite2
@@ -300,19 +301,9 @@ def describe(spec: BackboneSpec, *, download: bool | None = None) -> dict:
         return timm_backbone.describe(spec)
     info = BACKBONES[spec.name]
     path = resolve_weights(spec, download=download)
-    if spec.weights == "imagenet":
-        source = info.imagenet_source
-    else:
-        source = "random init (tests only)" if path is None else "local file"
     channels, height, width = feature_shape(spec)
     return {
-        "name": spec.name,
-        "image_size": spec.image_size,
-        "weights": spec.weights,
-        "weights_source": source,
-        "weights_file": None if path is None else str(path),
-        "weights_sha256": None if path is None else weights_sha256(path),
-        "random_init": path is None,
+        **weights_record(spec, path, info.imagenet_source),
         "output_layer": info.output_layer,
         "native_resolution": info.native_resolution,
         "preprocessing": {

@@ -33,7 +33,7 @@ import torch
 import torchvision.transforms as T
 from torch import nn
 
-from extract.backbone_weights import BackboneWeightsError, weights_sha256
+from extract.backbone_weights import BackboneWeightsError, weights_record
 
 TIMM_PREFIX = "timm:"
 INSTALL_HINT = 'pip install "msdn-zsl[timm]"'
@@ -310,18 +310,8 @@ def describe(spec) -> dict:
     path = resolve_weights(spec)
     layout = _layout(model, spec.image_size)
     pre = preprocessing(model)
-    if spec.weights == "imagenet":
-        source = "timm local cache"
-    else:
-        source = "random init (tests only)" if path is None else "local file"
     return {
-        "name": spec.name,
-        "image_size": spec.image_size,
-        "weights": spec.weights,
-        "weights_source": source,
-        "weights_file": None if path is None else str(path),
-        "weights_sha256": None if path is None else weights_sha256(path),
-        "random_init": path is None,
+        **weights_record(spec, path, "timm local cache"),
         "timm_model": model,
         "timm_version": timm.__version__,
         "output_layer": f"timm features_only, out_indices=(-1,): {layout.module} (stride {layout.reduction})",
