@@ -193,7 +193,8 @@ def test_no_cached_weights_is_one_line_naming_model_and_weights_file(no_timm_cac
 def test_weights_for_another_model_name_the_file(tmp_path):
     wrong = tmp_path / "resnet_for_vit.pth"
     torch.save(timm.create_model("resnet10t").state_dict(), wrong)
-    with pytest.raises(BackboneWeightsError, match=r"resnet_for_vit.pth: not weights timm can load into test_vit") as err:
+    with pytest.raises(BackboneWeightsError,
+                       match=r"resnet_for_vit.pth: not weights timm can load into test_vit") as err:
         build_backbone(BackboneSpec(VIT, 64, str(wrong)))
     assert "\n" not in str(err.value)
     garbage = tmp_path / "garbage.safetensors"
@@ -204,7 +205,8 @@ def test_weights_for_another_model_name_the_file(tmp_path):
 
 def test_unknown_names_are_refused_with_suggestions(monkeypatch):
     assert check_backbone_name(RESNET) == RESNET
-    with pytest.raises(ValueError, match=r"timm:resnet10tt: timm .* has no model 'resnet10tt'; did you mean .*resnet10t"):
+    with pytest.raises(ValueError,
+                       match=r"timm:resnet10tt: timm .* has no model 'resnet10tt'; did you mean .*resnet10t"):
         check_backbone_name("timm:resnet10tt")
     with pytest.raises(ValueError, match="unknown pretrained tag; timm knows resnet10t.c3_in1k"):
         check_backbone_name("timm:resnet10t.no_such_tag")
