@@ -105,3 +105,14 @@ def test_every_cache_option_takes_a_store_key(store_key, tmp_path, command):
     assert result.exit_code == 0, result.output
     summaries = list(tmp_path.rglob("summary.json"))
     assert summaries and json.loads(summaries[0].read_text())["test"]["ZSL"] >= 0
+
+
+def test_scikit_learn_is_loaded_only_where_it_is_needed():
+    """Only `msdn visualize`'s t-SNE uses scikit-learn: no other command pays its import (or needs it)."""
+    done = python("import sys\n"
+                  "import cli, pipeline.train, pipeline.evaluate, pipeline.commands.extract, pipeline.commands.cache\n"
+                  "import pipeline.commands.ablate, pipeline.commands.baseline, pipeline.commands.demo\n"
+                  "import pipeline.commands.report, pipeline.commands.predict, pipeline.commands.visualize\n"
+                  "print(sorted(m for m in sys.modules if m.split('.')[0] == 'sklearn'))")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
