@@ -16,6 +16,7 @@ from cache.reader import CacheError, FeatureCache
 from cache.store import Store
 from cache.transfer import RemoteStore, TransferError, copy_entry
 from cache.verify import verify_cache
+from tests.fixtures.processes import reaped
 from tests.fixtures.store import REPO, flip_byte, publish_tiny, run_cli
 
 
@@ -38,17 +39,13 @@ def test_an_interrupted_push_resumes_and_ends_verified(source, tmp_path):
     slow = {**os.environ, "MSDN_TRANSFER_BLOCK": "4096", "MSDN_TRANSFER_THROTTLE_S": "0.03"}
     proc = subprocess.Popen([sys.executable, "cli.py", "cache", "push", key[:10], str(dest), "--cache-dir",
                              str(store.root)], cwd=REPO, env=slow, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
+    with reaped(proc):
         deadline = time.time() + 90
         while not (part.exists() and part.stat().st_size > total // 4):
             assert proc.poll() is None and time.time() < deadline, proc.communicate()
             time.sleep(0.02)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     copied = part.stat().st_size
     assert total // 4 < copied < total and not Store(dest).has(key)   # nothing published half-way
 

@@ -23,6 +23,7 @@ from extract.datasets import build_dataset
 from extract.distributed import shard_bounds, shard_dataset
 from extract.extractor import extract_features
 from tests.fixtures.images import mini_cub
+from tests.fixtures.processes import reaped
 
 REPO = Path(__file__).resolve().parents[2]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
@@ -113,17 +114,13 @@ def test_a_killed_rank_leaves_its_shard_and_the_rerun_does_only_the_missing_rows
     args = [*TORCHRUN, *extract_args(data_root, shared_data, 224, 1, "--out", out, "--materialize")]
     shard1 = partial_path(shard_path(out, 1, 2))
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with reaped(proc):
         deadline = time.time() + 180
         while _done(shard1) < 1:
             assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
             time.sleep(0.02)
         os.kill(_rank_pid(proc.pid, 1), signal.SIGKILL)
         _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode != 0 and not out.exists()
     kept = _done(shard1)
     assert 1 <= kept < 8, err[-2000:]

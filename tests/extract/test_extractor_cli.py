@@ -20,7 +20,7 @@ from extract.backbones import BackboneSpec
 from extract.datasets import build_dataset
 from extract.extractor import extract_features
 from tests.fixtures.images import mini_cub
-from tests.fixtures.processes import default_sigint
+from tests.fixtures.processes import default_sigint, reaped
 
 REPO = Path(__file__).resolve().parents[2]
 SPEC = BackboneSpec("efficientnet_lite0", 224, "imagenet")
@@ -63,17 +63,13 @@ def start_and_stop(args, out, sig, at_least=6, timeout=180, env=None):
                             stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
                             preexec_fn=default_sigint)
     deadline = time.time() + timeout
-    try:
+    with reaped(proc):
         while done_rows(partial_path(out)) < at_least:
             assert proc.poll() is None, f"extraction ended before it could be interrupted: {proc.communicate()}"
             assert time.time() < deadline, "extraction made no progress"
             time.sleep(0.02)
         os.kill(proc.pid, sig)
         _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     return proc.returncode, err
 
 
@@ -203,7 +199,7 @@ def test_a_second_extraction_of_the_same_out_is_refused_while_the_first_runs(dat
     first = subprocess.Popen([sys.executable, "cli.py", *args], cwd=REPO, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True,
                              env={**os.environ, "MSDN_EXTRACT_THROTTLE_S": "60"})  # killed long before the end
-    try:
+    with reaped(first):
         deadline = time.time() + 300
         while done_rows(partial_path(out)) < 2:
             assert first.poll() is None, first.communicate()
@@ -220,10 +216,6 @@ def test_a_second_extraction_of_the_same_out_is_refused_while_the_first_runs(dat
         before = done_rows(partial_path(out))
         os.kill(first.pid, signal.SIGKILL)
         first.wait(timeout=60)
-    finally:
-        if first.poll() is None:
-            first.kill()
-            first.wait()
     assert before >= 2 and not out.exists()
     from cache.writer import output_lock
     with output_lock(out) as lock:                                    # a killed writer's lock is free
