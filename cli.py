@@ -125,7 +125,7 @@ def main(debug) -> None:
                    "(your own: --data-root DIR with images/<class>/, classes.csv, attributes.csv; README).")
 @click.option("--out", default=None, type=click.Path(dir_okay=False),
               help="Feature cache to write [default: <dataset>_<backbone>_<size>.h5].")
-@click.option("--data-root", default=None, help="Data folder [default: ./data; CUB100: the test-data folder, $MSDN_SHARED_DATA; folder: required].")
+@click.option("--data-root", default=None, help="Data folder [default: ./data; CUB100: $MSDN_SHARED_DATA when set; folder: required].")
 @click.option("--xlsa17-root", default=None, help="Folder with <DS>/att_splits.mat [default: <data-root>/xlsa17].")
 @click.option("--w2v-root", default=None, help="Folder with <DS>_attribute.pkl [default: <data-root>/attribute_w2v].")
 @click.option("--w2v", default="auto", show_default=True, type=click.Choice(["auto", "none"]),

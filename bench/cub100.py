@@ -26,7 +26,11 @@ from pathlib import Path
 
 SCORES = ("ZSL", "U", "S", "H", "AUSUC", "gamma")
 # This checkout's command line (what the `msdn` console script runs), so a worktree benchmarks itself.
-MSDN = [sys.executable, str(Path(__file__).resolve().parents[1] / "cli.py")]
+REPO = Path(__file__).resolve().parents[1]
+MSDN = [sys.executable, str(REPO / "cli.py")]
+sys.path.insert(0, str(REPO))
+from tests.fixtures.shared_data import find_shared_data  # noqa: E402  (the CUB-100 photos: test data)
+
 CPU_SECONDS: dict[str, float] = {}
 
 
@@ -80,7 +84,7 @@ def main() -> None:
     results = {"dataset": "CUB-100 (real photos)", "backbone": backbone, "image_size": size,
                "cache": str(cache), "cpu_count": os.cpu_count(), "note": "not comparable to the paper's CUB numbers"}
     results["extract_seconds"] = run_step("extract", [
-        "extract", "--dataset", "CUB100", "--backbone", backbone, "--image-size", str(size),
+        "extract", "--dataset", "CUB100", "--data-root", str(find_shared_data()), "--backbone", backbone, "--image-size", str(size),
         "--out", str(cache), "--device", opts.device, "--no-progress"], log)
     results["extract_cpu_seconds"] = CPU_SECONDS["extract"]
     results["extract_images_per_s"] = _images(cache) / results["extract_seconds"]

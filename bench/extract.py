@@ -43,7 +43,7 @@ from bench.backbone_forward import memory_format_of, time_batches  # noqa: E402
 from bench.cpu_meter import CpuMeter, wait_until_idle  # noqa: E402
 from extract.backbones import BackboneSpec, BackboneWeightsError, build_backbone, build_transform, resolve_weights  # noqa: E402
 from extract.datasets.cub_files import read_id_table  # noqa: E402
-from extract.datasets.shared_data import find_shared_data  # noqa: E402
+from tests.fixtures.shared_data import find_shared_data  # noqa: E402
 
 # Run in a fresh interpreter per extraction: RUSAGE_CHILDREN then covers that run only (its
 # DataLoader workers are reaped by the CLI process, so their peaks roll up into it), and a

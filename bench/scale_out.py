@@ -39,7 +39,7 @@ from cache import layout as L  # noqa: E402
 from cache.reader import FeatureCache  # noqa: E402
 from cache.verify import verify_cache  # noqa: E402
 from cache.writer import CacheWriter  # noqa: E402
-from extract.datasets.shared_data import find_shared_data  # noqa: E402
+from tests.fixtures.shared_data import find_shared_data  # noqa: E402
 
 
 def timed_extract(folder: Path, shared: Path, out: Path, ranks: int, args) -> dict:

@@ -7,7 +7,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from extract.datasets.shared_data import find_shared_data
+from tests.fixtures.shared_data import find_shared_data
 
 # Two cores on CI: keep torch from oversubscribing when pytest runs several heavy tests.
 torch.set_num_threads(min(2, os.cpu_count() or 1))

@@ -19,10 +19,9 @@ def test_uses_the_data(shared_data):
 
 @pytest.fixture(scope="module")
 def lone_clone(tmp_path_factory):
-    """The test package and the data helper, copied to a folder with no ../shared/data beside it."""
+    """The test package (which holds the data helper), copied to a folder with no ../shared/data beside it."""
     clone = tmp_path_factory.mktemp("alone") / "repo"
     shutil.copytree(ROOT / "tests", clone / "tests", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(ROOT / "extract", clone / "extract", ignore=shutil.ignore_patterns("__pycache__"))
     (clone / "tests" / "test_probe.py").write_text(PROBE)
     return clone
 

@@ -52,17 +52,13 @@ class ExtractOptions:
 
 
 def default_data_root(dataset: str) -> str | None:
-    """CUB100 lives in the shared data folder when there is one; everything else follows TransZero's
-    layout under ./data (the demo is rendered into ./data/demo on first use). A `folder` dataset
+    """TransZero's layout under ./data (the demo is rendered into ./data/demo on first use); CUB100 in
+    $MSDN_SHARED_DATA when set (the test-data folder, which holds cub100_subset/). A `folder` dataset
     has no default: the adapter asks for --data-root."""
     if dataset == "folder":
         return None
-    if dataset == "CUB100":
-        try:
-            from extract.datasets.shared_data import find_shared_data
-            return str(find_shared_data())
-        except FileNotFoundError:
-            pass
+    if dataset == "CUB100" and os.environ.get("MSDN_SHARED_DATA"):
+        return os.environ["MSDN_SHARED_DATA"]
     return "data"
 
 
