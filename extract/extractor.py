@@ -56,7 +56,8 @@ from extract.progress import progress_bar
 from extract.reuse import check_existing
 
 _SHOW_MISSING = 5
-_TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+# The dtypes features are stored in, as torch dtypes (cache/layout.py DTYPES has them as numpy).
+TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
 def extract_features(dataset: ImageDataset, spec: BackboneSpec, out_path: str | Path, *,
@@ -115,7 +116,7 @@ def _extract_locked(dataset, spec, out: Path, partial: Path, manifest: dict, ima
             try:
                 with _torch_threads(num_threads or max(1, torch.get_num_threads() - num_workers)):
                     _run(dataset, spec, writer, todo, batch_size=batch_size, device=device, amp=amp,
-                         dtype=_TORCH_DTYPES[dtype], num_workers=num_workers, skip_bad=skip_bad,
+                         dtype=TORCH_DTYPES[dtype], num_workers=num_workers, skip_bad=skip_bad,
                          progress=progress)
             except KeyboardInterrupt:
                 log(f"interrupted: {int(writer.done.sum())} rows done are kept in {partial}; continue with --resume")

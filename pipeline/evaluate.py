@@ -15,7 +15,7 @@ from pipeline.config import TrainConfig
 from pipeline.engine import DivergedError, build_model, evaluate_task, resolve_amp
 from pipeline.features import bank_dtype
 from pipeline.memory import describe_plan, open_features
-from pipeline.metrics import SCORES_AND_GAMMA
+from pipeline.metrics import scores_of
 from pipeline.runlog import RunLog, write_json_atomic
 from pipeline.tasks import benchmark_task, usable_splits
 
@@ -56,7 +56,7 @@ def evaluate(checkpoint: str | Path, cache_path: str | Path, *, out_dir: str | P
     curve = report.pop("curve")
     summary = {"checkpoint": str(checkpoint), "cache": str(cache_path), "content_key": identity["content_key"],
                "iteration": ckpt["iteration"], "device": str(device), "amp": amp,
-               "test": {k: report[k] for k in SCORES_AND_GAMMA},
+               "test": scores_of(report),
                "test_gamma0": report.get("gamma0", {k: report[k] for k in ("U", "S", "H")}),
                "best_gamma_on_test": report["best"], "recorded_at_training": ckpt["metrics"]}
     if run is not None:

@@ -165,10 +165,7 @@ class ResidentFeatures:
 
     def positions(self, cache_rows: np.ndarray) -> torch.Tensor:
         """Positions in this store of cache rows (all must be held)."""
-        pos = np.searchsorted(self.rows, cache_rows)
-        if len(cache_rows) and (pos.max() >= len(self.rows) or not np.array_equal(self.rows[pos], cache_rows)):
-            raise KeyError("ResidentFeatures.positions: some rows are not held")
-        return torch.as_tensor(pos, dtype=torch.long, device=self.index_device)
+        return held_positions(self, cache_rows)
 
     def gather(self, positions: torch.Tensor) -> Regions:
         """Regions of the images at `positions` (on `index_device`), delivered on `device`."""
@@ -194,6 +191,15 @@ class ResidentFeatures:
         """Consecutive slices of `positions`, gathered (evaluation)."""
         for start in range(0, len(positions), batch_size):
             yield self.gather(positions[start:start + batch_size])
+
+
+def held_positions(store, cache_rows: np.ndarray) -> torch.Tensor:
+    """Positions of `cache_rows` in a store's sorted `rows`, on its `index_device`; a row the store
+    does not hold is a KeyError (a bug: every store is built over the rows its run uses)."""
+    pos = np.searchsorted(store.rows, cache_rows)
+    if len(cache_rows) and (pos.max() >= len(store.rows) or not np.array_equal(store.rows[pos], cache_rows)):
+        raise KeyError(f"{type(store).__name__}.positions: some rows are not held")
+    return torch.as_tensor(pos, dtype=torch.long, device=store.index_device)
 
 
 def device_holds(nbytes: int, device: torch.device) -> bool:

@@ -17,6 +17,11 @@ SCORES = ("ZSL", "U", "S", "H", "AUSUC")
 SCORES_AND_GAMMA = SCORES + ("gamma",)
 
 
+def scores_of(report: dict) -> dict:
+    """The SCORES_AND_GAMMA entries of an evaluation report (what summaries record)."""
+    return {k: report[k] for k in SCORES_AND_GAMMA if k in report}
+
+
 def _np(x) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         return x.detach().cpu().numpy()

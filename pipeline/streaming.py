@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from heads.regions import Regions, normalise_into
-from pipeline.features import DTYPES
+from pipeline.features import DTYPES, held_positions
 
 READ_AHEAD = 2  # batches prepared ahead of the one being computed
 _DONE = object()
@@ -53,10 +53,7 @@ class StreamingFeatures:
 
     def positions(self, cache_rows: np.ndarray) -> torch.Tensor:
         """Positions in this store of cache rows (all must be held)."""
-        pos = np.searchsorted(self.rows, cache_rows)
-        if len(cache_rows) and (pos.max() >= len(self.rows) or not np.array_equal(self.rows[pos], cache_rows)):
-            raise KeyError("StreamingFeatures.positions: some rows are not held")
-        return torch.as_tensor(pos, dtype=torch.long, device=self.index_device)
+        return held_positions(self, cache_rows)
 
     # ------------------------------------------------------------------ the two kinds of batches
     def training_batches(self, positions: torch.Tensor, sampler, steps: int, batch_size: int):

@@ -31,7 +31,7 @@ from pipeline.config import TrainConfig
 from pipeline.engine import DivergedError, build_model, deterministic_mode, evaluate_task, fit
 from pipeline.features import bank_dtype
 from pipeline.memory import describe_plan, open_features
-from pipeline.metrics import SCORES_AND_GAMMA
+from pipeline.metrics import scores_of
 from pipeline.precision import choose_amp
 from pipeline.runlog import RunLog, write_json_atomic
 from pipeline.tasks import Task, benchmark_task, usable_splits, validation_task
@@ -199,7 +199,7 @@ def train_final(config: TrainConfig, test: Task, selection: dict, identity: dict
 
     def checkpoint(name: str, step: int, report: dict) -> None:
         save_checkpoint(run.dir / name, model=model, config=config.to_dict(), identity=identity,
-                        gamma=gamma, iteration=step, metrics=_scores(report))
+                        gamma=gamma, iteration=step, metrics=scores_of(report))
 
     def on_eval(step: int, losses: dict) -> None:
         if step == chosen:
@@ -207,7 +207,7 @@ def train_final(config: TrainConfig, test: Task, selection: dict, identity: dict
                                    amp=amp, with_curve=True)
             write_json_atomic(run.dir / "curve.json", {"split": "test", "step": step, **report.pop("curve")})
             run.log({"phase": "test", "step": step, "selected": True, "losses": losses, **report})
-            out["test"] = {**_scores(report), "iteration": step, "best_gamma_on_test": report["best"]}
+            out["test"] = {**scores_of(report), "iteration": step, "best_gamma_on_test": report["best"]}
             out["test_gamma0"] = report.get("gamma0", {k: report[k] for k in ("U", "S", "H")})
             checkpoint("best.pt", step, report)
             if board is not None:
@@ -216,7 +216,7 @@ def train_final(config: TrainConfig, test: Task, selection: dict, identity: dict
             report = evaluate_task(model, store, test, labels, gamma=0.0, batch_size=config.eval_batch_size, amp=amp)
             run.log({"phase": "test-paper-protocol", "step": step, "losses": losses, **report})
             if paper["best_H"] is None or report["H"] > paper["best_H"]["H"]:
-                paper["best_H"] = {**_scores(report), "iteration": step}
+                paper["best_H"] = {**scores_of(report), "iteration": step}
             if paper["best_ZSL"] is None or report["ZSL"] > paper["best_ZSL"]["ZSL"]:
                 paper["best_ZSL"] = {"ZSL": report["ZSL"], "iteration": step}
         if step == steps:
@@ -224,7 +224,7 @@ def train_final(config: TrainConfig, test: Task, selection: dict, identity: dict
                 model, store, test, labels, gamma=gamma, batch_size=config.eval_batch_size, amp=amp)
             if step != chosen:
                 run.log({"phase": "test-last", "step": step, "losses": losses, **report})
-                out["test_last"] = {**_scores(report), "iteration": step}
+                out["test_last"] = {**scores_of(report), "iteration": step}
             checkpoint("last.pt", step, report)
 
     timing = fit(model, store, test.train_rows, test.local_labels(labels[test.train_rows]), config,
@@ -240,10 +240,6 @@ def train_final(config: TrainConfig, test: Task, selection: dict, identity: dict
         out["paper_protocol"] = {**paper, "note": "selected on the TEST set (best of every evaluation), as the "
                                  "released MSDN scripts report; not an unbiased estimate"}
     return out
-
-
-def _scores(report: dict) -> dict:
-    return {k: report[k] for k in SCORES_AND_GAMMA if k in report}
 
 
 def summary_rows(summary: dict) -> dict[str, dict]:

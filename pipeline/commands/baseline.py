@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from cache.reader import CacheError, FeatureCache
-from pipeline.metrics import SCORES_AND_GAMMA, gzsl_accuracy, gzsl_report, harmonic_mean
+from pipeline.metrics import gzsl_accuracy, gzsl_report, harmonic_mean, scores_of
 from pipeline.runlog import RunLog, write_json_atomic
 from pipeline.tasks import Task, benchmark_task, usable_splits, validation_task
 
@@ -161,7 +161,7 @@ def run_baseline(cache_path: str | Path, out_dir: str | Path, config: BaselineCo
         "protocol": "regularisers and calibration gamma selected on validation classes; test evaluated once",
         "selection": {"mode": "val", "reg_features": regs[0][0], "reg_attributes": regs[1][0], "gamma": gamma,
                       "validation": {k: chosen[k] for k in ("ZSL", "AUSUC", "best")}, "task": val.describe()},
-        "test": {**{k: report[k] for k in SCORES_AND_GAMMA},
+        "test": {**scores_of(report),
                  "best_gamma_on_test": report["best"]},
         "test_gamma0": report["gamma0"],
         "timing": seconds,

@@ -34,7 +34,7 @@ import torch
 from cache.reader import FeatureCache
 from extract.backbones import BackboneSpec, build_backbone, build_transform
 from extract.devices import resolve_device
-from extract.extractor import autocast_dtype, forward_batch  # the extractor's own: the cache's bits
+from extract.extractor import TORCH_DTYPES, autocast_dtype, forward_batch  # the extractor's own: the cache's bits
 from extract.loader import ImageRows, default_batch_size
 from heads.config import HeadConfig
 from pipeline.checkpoint import cache_identity, check_compatible, load_checkpoint, load_weights
@@ -48,7 +48,6 @@ from .inputs import PredictError, backbone_for, class_and_attribute_names, descr
 
 CONTRIBUTION = ("contribution = class attribute value z_c[a] x the image's attribute score "
                 "(w1 psi[a] + w2 omega[a]); a class's contributions plus its bias term sum to its score")
-_TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass
@@ -88,9 +87,9 @@ def load_predictor(checkpoint: str | Path, *, cache: str | Path | None = None, c
             raise PredictError(f"{cache_path}: the cache has no manifest (written by another tool?), so the backbone "
                                "and preprocessing that made its features are unknown; predict needs a cache from "
                                "`msdn extract`")
-        if manifest.get("dtype", "float16") not in _TORCH_DTYPES:
+        if manifest.get("dtype", "float16") not in TORCH_DTYPES:
             raise PredictError(f"{cache_path}: manifest dtype {manifest.get('dtype')!r} is not one extraction "
-                               f"writes ({', '.join(_TORCH_DTYPES)})")
+                               f"writes ({', '.join(TORCH_DTYPES)})")
         spec, weights_file = backbone_for(manifest, cache_path, weights)
         if tuple(fc.feature_shape) != tuple(describe_shape(manifest)):
             raise PredictError(f"{cache_path}: features of shape {tuple(fc.feature_shape)} but its manifest "
@@ -127,7 +126,7 @@ def image_maps(predictor: Predictor, images: list[Path]) -> torch.Tensor:
         # batch of one takes other kernels, whose float16 maps differed in the last bit (measured),
         # while batches of 2..22 gave the cache's bits exactly.
         maps, finite, ready = forward_batch(predictor.backbone, batch.repeat(2, 1, 1, 1) if len(batch) == 1 else batch,
-                                       predictor.device, amp, _TORCH_DTYPES[predictor.cache_dtype])
+                                       predictor.device, amp, TORCH_DTYPES[predictor.cache_dtype])
         maps, finite = maps[:len(batch)], finite[:len(batch)]
         if ready is not None:
             ready.synchronize()
