@@ -441,6 +441,41 @@ def _csv(text: str | None, cast=str, option: str = "", minimum=None) -> list | N
     return values
 
 
+def _launcher_options(command):
+    """--launcher and the --slurm-* options, the same for every command that runs a sweep
+    (ablate, tune); `_slurm_options(**kwargs)` turns them into pipeline.launch.SlurmOptions."""
+    options = [
+        click.option("--launcher", default="local", show_default=True, type=click.Choice(["local", "slurm"]),
+                     help="Where the tasks run: processes on this machine, or ONE Slurm job array (submitit; "
+                          "pip install \"msdn-zsl[slurm]\"). Output folder and cache must be on a shared filesystem."),
+        click.option("--slurm-partition", default=None, help="slurm: partition [default: the cluster's default]."),
+        click.option("--slurm-time", default=None, help="slurm: time limit per task, Slurm's format (90, 1:30:00)."),
+        click.option("--cpus-per-task", default=1, show_default=True, type=click.IntRange(min=1), help="slurm: CPUs per task."),
+        click.option("--gpus-per-task", default=0, show_default=True, type=click.IntRange(min=0), help="slurm: GPUs per task."),
+        click.option("--mem", default=None, help="slurm: memory per task (8G)."),
+        click.option("--array-parallelism", default=None, type=click.IntRange(min=1),
+                     help="slurm: tasks of the array running at once [default: Slurm's]."),
+        click.option("--slurm-option", "slurm_extra", multiple=True, metavar="KEY=VALUE",
+                     help="slurm: any other sbatch option, e.g. account=lab, qos=short (repeatable)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _slurm_options(slurm_partition, slurm_time, cpus_per_task, gpus_per_task, mem, array_parallelism, slurm_extra):
+    from pipeline.launch import SlurmOptions
+
+    extra = {}
+    for item in slurm_extra:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--slurm-option")
+        extra[key.strip().lstrip("-").replace("-", "_")] = value.strip()
+    return SlurmOptions(partition=slurm_partition, time=slurm_time, cpus_per_task=cpus_per_task,
+                        gpus_per_task=gpus_per_task, mem=mem, array_parallelism=array_parallelism, extra=extra)
+
+
 @main.command()
 @click.option("--preset", default=None, help="A worked example: demo, cub100 or causal (extracts its cache into --out once).")
 @click.option("--recipe", default=None, help="Recipe name or .toml path [default: the preset's].")
