@@ -42,7 +42,17 @@ def _pyplot():
 
 def dataset_extras(cache: FeatureCache, image_root: str | Path | None = None) -> dict:
     """Image root, attribute and class names, boxes: from the dataset the cache was extracted from
-    when it can be rebuilt (the manifest records it), else neutral fallbacks."""
+    when it can be rebuilt (the manifest records it); names stored in the cache win; else neutral
+    fallbacks."""
+    extras = _rebuilt_extras(cache, image_root)
+    if cache.class_names is not None:
+        extras["class_names"] = list(cache.class_names)
+    if cache.attribute_names is not None:
+        extras["attribute_names"] = list(cache.attribute_names)
+    return extras
+
+
+def _rebuilt_extras(cache: FeatureCache, image_root: str | Path | None) -> dict:
     manifest = (cache.manifest or {}).get("dataset", {})
     num_classes, num_att = cache.att.shape
     extras = {"root": Path(image_root) if image_root else (Path(manifest["root"]) if "root" in manifest else None),

@@ -114,9 +114,16 @@ def check_preprocessing(spec: BackboneSpec, recorded: dict, cache_path: Path) ->
 
 
 def class_and_attribute_names(cache: FeatureCache) -> tuple[list[str], list[str]]:
-    """Names for display (the cache stores none): classes from xlsa17's allclasses_names or the image
-    folders (the one folder all images of a class lie in, "NNN." stripped); attributes from the
-    attribute_names/<DS>/ list next to the recorded word vectors. Fallbacks: "class i", "attribute i"."""
+    """Names for display: those the cache stores (extraction writes the adapter's names), else, for
+    caches from before that, classes from xlsa17's allclasses_names or the image folders (the one
+    folder all images of a class lie in, "NNN." stripped) and attributes from the attribute_names/<DS>/
+    list next to the recorded word vectors. Fallbacks: "class i", "attribute i"."""
+    classes, attributes = _derived_names(cache) if cache.class_names is None or cache.attribute_names is None \
+        else (None, None)
+    return [re.sub(r"^\d+\.", "", str(c)) for c in cache.class_names or classes], cache.attribute_names or attributes
+
+
+def _derived_names(cache: FeatureCache) -> tuple[list[str], list[str]]:
     num_classes, num_att = cache.att.shape
     manifest = (cache.manifest or {}).get("dataset", {})
     source = manifest.get("source", {}) or {}
@@ -130,7 +137,6 @@ def class_and_attribute_names(cache: FeatureCache) -> tuple[list[str], list[str]
             classes = None
     if classes is None:
         classes = _folder_names(cache, num_classes)
-    classes = [re.sub(r"^\d+\.", "", str(c)) for c in classes]
     attributes = None
     if source.get("w2v_att"):
         from extract.datasets.xlsa17_files import load_attribute_names
