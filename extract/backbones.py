@@ -68,6 +68,22 @@ def check_backbone_name(name: str) -> str:
     raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(sorted(BACKBONES))} or timm:<model>")
 
 
+# The papers' setting (MSDN, TransZero: ResNet101 at 448 px, a 14 x 14 map). The other backbones
+# default to the side their ImageNet weights were trained at: 448 would cost them ~4x the compute and
+# disk of their native 224 for maps their training never saw at that scale.
+PAPER_IMAGE_SIZE = {"resnet101": 448}
+
+
+def default_image_size(name: str) -> tuple[int, str]:
+    """(--image-size when none is given, why): 448 for resnet101, else the backbone's native side
+    (timm:<model>: its pretrained config's input size)."""
+    if name in PAPER_IMAGE_SIZE:
+        return PAPER_IMAGE_SIZE[name], "the papers' setting for this backbone"
+    if is_timm_name(name):
+        return timm_backbone.preprocessing(name[len(TIMM_PREFIX):]).native_resolution, "its pretrained config's size"
+    return BACKBONES[name].native_resolution, "its native ImageNet size"
+
+
 @dataclass(frozen=True)
 class BackboneSpec:
     name: str = "resnet101"
