@@ -162,7 +162,7 @@ def select_on_validation(config: TrainConfig, val: Task, *, cache, store, labels
     model = build_model(config.head, cache, val, store.device, config.seed)
     history = []
 
-    def on_eval(step: int, losses: dict) -> None:
+    def on_eval(step: int, losses: dict) -> bool:
         report = evaluate_task(model, store, val, labels, gamma=config.gamma,
                                batch_size=config.eval_batch_size, amp=amp)
         record = {"phase": "val", "step": step, "losses": losses, **report}
@@ -173,6 +173,12 @@ def select_on_validation(config: TrainConfig, val: Task, *, cache, store, labels
                 log(evaluation_line(step, config.iterations, report, losses))
         if board is not None:
             board.evaluation("validation", step, report, best_point=True)
+        stop = should_stop(history, config)
+        if stop and log is not None:
+            with above_bars():
+                log(f"early stop at step {step}: no better validation H in {config.patience} evaluations "
+                    f"(patience; --set patience=0 runs all {config.iterations} steps)")
+        return stop
 
     on_log = None if board is None else (lambda step, values: board.training("validation_run", step, values))
     timing = fit(model, store, val.train_rows, val.local_labels(labels[val.train_rows]), config,
@@ -181,7 +187,19 @@ def select_on_validation(config: TrainConfig, val: Task, *, cache, store, labels
     chosen = choose_evaluation(history) if config.select_iterations else history[-1]
     return {"mode": "val", "iteration": chosen["step"], "gamma": chosen["best"]["gamma"],
             "validation": {k: chosen[k] for k in ("ZSL", "AUSUC", "best")}, "task": val.describe(),
+            "validation_steps": timing["steps"], "stopped_early": timing["steps"] < config.iterations,
             "train_seconds": timing["seconds"], "eval_seconds": timing["eval_seconds"]}
+
+
+def should_stop(history: list[dict], config: TrainConfig) -> bool:
+    """Early stopping: the last `patience` evaluations brought no strictly better (H, AUSUC) than the
+    best before them. Only where the iteration count is selected (else the recipe's step is kept)."""
+    if not config.patience or not config.select_iterations or len(history) <= config.patience:
+        return False
+    def score(r):
+        return round(r["best"]["H"], 6), round(r["AUSUC"], 6)
+    before = max(score(r) for r in history[:-config.patience])
+    return all(score(r) <= before for r in history[-config.patience:])
 
 
 def choose_evaluation(history: list[dict]) -> dict:
