@@ -215,8 +215,9 @@ def train(recipe, cache_path, cache_dir, out_dir, overrides, device, determinist
 
 @main.command()
 @click.option("--checkpoint", required=True, type=click.Path(exists=True, dir_okay=False), help="best.pt or last.pt.")
-@click.option("--cache", "cache_path", required=True,
-              help="The feature cache the checkpoint was trained on (a .h5 file or a store key).")
+@click.option("--cache", "cache_path", default=None,
+              help="The feature cache the checkpoint was trained on (a .h5 file or a store key) [default: the one "
+                   "its run's config.json records, else its content key in the store].")
 @click.option("--cache-dir", default=None, help="Store to look keys up in [default: $MSDN_CACHE_DIR].")
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False), help="Optional run folder.")
 @click.option("--gamma", type=FINITE, default=None, help="Calibrated-stacking gamma (default: the checkpoint's).")
@@ -230,7 +231,8 @@ def evaluate(checkpoint, cache_path, cache_dir, out_dir, gamma, device, overwrit
     from pipeline.evaluate import evaluation_rows
     from pipeline.runlog import format_table
 
-    summary = run_evaluation(checkpoint, resolve_cache(cache_path, cache_dir), out_dir=out_dir, device=device,
+    cache = resolve_cache(cache_path, cache_dir) if cache_path is not None else None  # None: the run's
+    summary = run_evaluation(checkpoint, cache, cache_dir=cache_dir, out_dir=out_dir, device=device,
                              gamma=gamma, overwrite=overwrite, max_memory=max_memory,
                              log=lambda message: click.echo(message, err=True))
     click.echo(format_table(evaluation_rows(summary)))

@@ -55,7 +55,9 @@ def train(config: TrainConfig, cache_path: str | Path, out_dir: str | Path, *, d
     log = log or (lambda msg: print(msg, file=sys.stderr))
     if tensorboard:
         summary_writer_class()  # a missing package is refused before anything is read or written
-    device, cache_path, out_dir = resolve_device(device), Path(cache_path), Path(out_dir)
+    # the cache is recorded absolute, so that predict/evaluate/visualize find it from any directory
+    # (and by its content key in the store when it moved: pipeline/run_cache.py)
+    device, cache_path, out_dir = resolve_device(device), Path(cache_path).absolute(), Path(out_dir)
     amp_choice = choose_amp(config.amp, device)
     amp = amp_choice.amp
     keep_freed_memory(True)  # the step's large temporaries reuse mapped memory (heads/runtime.py)
