@@ -152,13 +152,15 @@ def main(debug) -> None:
 @click.option("--skip-bad", is_flag=True, help="Record unreadable images as skipped instead of stopping.")
 @click.option("--overwrite", is_flag=True, help="Replace an --out made from other inputs, or restart a partial one.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--offline", is_flag=True,
+              help="Never download weights (as HF_HUB_OFFLINE=1): timm:<model> then needs them in timm's cache.")
 @click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
               help="Put the result into this feature store, keyed by content key [default: $MSDN_CACHE_DIR "
                    "when --out is not given]. Prints the key.")
 @click.option("--materialize", is_flag=True,
               help="Under torchrun: join the ranks' shards into one file instead of a virtual dataset.")
 def extract(dataset, out, data_root, xlsa17_root, w2v_root, w2v, backbone, image_size, weights, batch_size, device,
-            dtype, compression, workers, resume, skip_bad, overwrite, no_progress, cache_dir, materialize):
+            dtype, compression, workers, resume, skip_bad, overwrite, no_progress, offline, cache_dir, materialize):
     """Stream a dataset's images through a frozen backbone into one HDF5 feature cache."""
     from pipeline.commands.extract import ExtractOptions, run
 
@@ -166,7 +168,7 @@ def extract(dataset, out, data_root, xlsa17_root, w2v_root, w2v, backbone, image
                              w2v_root=w2v_root, w2v=w2v, backbone=backbone, image_size=image_size, weights=weights,
                              batch_size=batch_size, device=device, dtype=dtype, compression=compression,
                              workers=workers, resume=resume, skip_bad=skip_bad, overwrite=overwrite,
-                             progress=not no_progress)
+                             progress=not no_progress, offline=offline)
     key = run(options, cache_dir=cache_dir, materialize=materialize, log=lambda msg: click.echo(msg, err=True))
     if key:
         click.echo(key)

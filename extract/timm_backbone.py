@@ -11,11 +11,12 @@
 - Preprocessing: the model's pretrained config (`pretrained_cfg`, as
   `timm.data.resolve_data_config` reads it): mean, std, interpolation, and its crop: the shorter side
   resized to floor(S / crop_pct), then a centre crop of S (crop_mode "squash": both sides).
-- Weights, never downloaded here: `--weights FILE` (a state dict, .pth/.bin, or a .safetensors file,
-  loaded through timm's own pretrained loader so its checkpoint filters apply), `imagenet` = the file
-  already in timm's local caches (Hugging Face hub cache, or torch hub's for URL weights), or
-  `random` (tests only). A missing file is one BackboneWeightsError line naming the model and
-  `--weights FILE`.
+- Weights: `--weights FILE` (a state dict, .pth/.bin, or a .safetensors file, loaded through timm's
+  own pretrained loader so its checkpoint filters apply), `imagenet` = the file in timm's local
+  caches (Hugging Face hub cache, or torch hub's for URL weights), downloaded there by timm itself
+  (`pretrained=True`) when it is missing and the machine is online ($HF_HUB_OFFLINE / `msdn extract
+  --offline` forbid it), or `random` (tests only). A file neither cached nor downloadable is one
+  BackboneWeightsError line naming the model and `--weights FILE`.
 - The manifest records the timm version, the model name, the weights' sha256 and the preprocessing.
 
 timm is an optional extra: `pip install "msdn-zsl[timm]"`.
@@ -33,7 +34,7 @@ import torch
 import torchvision.transforms as T
 from torch import nn
 
-from extract.backbone_weights import BackboneWeightsError, weights_record
+from extract.backbone_weights import OFFLINE_ENV, BackboneWeightsError, offline, unreachable, weights_record
 
 TIMM_PREFIX = "timm:"
 INSTALL_HINT = 'pip install "msdn-zsl[timm]"'
@@ -197,9 +198,10 @@ def cached_weights(model: str) -> tuple[Path | None, str]:
     return None, "looked in " + " and ".join(places) if places else "no download source known"
 
 
-def resolve_weights(spec) -> Path | None:
-    """The weights file `spec` asks for (None for random init); BackboneWeightsError in one line when
-    it is not on this machine (nothing is downloaded)."""
+def resolve_weights(spec, download: bool | None = None) -> Path | None:
+    """The weights file `spec` asks for (None for random init): a cached file, else (download None:
+    unless offline; False: never) timm's own download into its cache; BackboneWeightsError in one
+    line when neither gives one."""
     model = model_name(spec.name)
     _import_timm(spec.name, BackboneWeightsError)
     if spec.weights == "random":
@@ -207,16 +209,43 @@ def resolve_weights(spec) -> Path | None:
     if spec.weights == "imagenet":
         path, where = cached_weights(model)
         if path is None:
-            raise BackboneWeightsError(
-                f"{spec.name}: no pretrained weights for timm model {model!r} on this machine ({where}) "
-                f"and extraction never downloads: pass --weights FILE (a state dict or .safetensors "
-                f"file of {model}), or fill timm's cache on a machine with internet "
-                f"(python -c \"import timm; timm.create_model('{model}', pretrained=True)\")")
+            allowed = not offline() if download is None else download
+            why = _download(model) if allowed else \
+                f"downloads are off (${OFFLINE_ENV} or --offline)" if download is None else "this command never downloads"
+            path, where = cached_weights(model) if not why else (None, where)
+            if path is None:
+                raise BackboneWeightsError(
+                    f"{spec.name}: no pretrained weights for timm model {model!r} on this machine ({where}); "
+                    f"{why or 'the download left no file there'}: pass --weights FILE (a state dict or "
+                    f".safetensors file of {model}), or fill timm's cache on a machine with internet "
+                    f"(python -c \"import timm; timm.create_model('{model}', pretrained=True)\")")
         return path.resolve()
     path = Path(spec.weights).expanduser()
     if not path.is_file():
         raise BackboneWeightsError(f"{path}: weights file not found (for backbone {spec.name})")
     return path.resolve()
+
+
+def _download(model: str) -> str:
+    """timm's own download of `model`'s pretrained weights into its cache (as pretrained=True does);
+    '' when done, else why not, in words."""
+    timm = _import_timm(TIMM_PREFIX + model, BackboneWeightsError)
+    cfg = timm.models.get_pretrained_cfg(model)
+    if cfg is None or not (cfg.hf_hub_id or cfg.url):
+        return "timm knows no download source for it"
+    if cfg.hf_hub_id:
+        from huggingface_hub import constants
+        source = constants.ENDPOINT
+    else:
+        source = cfg.url
+    problem = unreachable(source)
+    if problem:
+        return f"download failed: {problem}"
+    try:
+        timm.create_model(model, pretrained=True)
+    except Exception as err:  # noqa: BLE001 - the hub, torch and timm each raise their own types
+        return f"download failed ({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''})"
+    return ""
 
 
 def _classifier_names(model: str) -> tuple[str, ...]:
@@ -303,11 +332,11 @@ class _KeyMismatches(logging.Handler):
         self._logger.setLevel(self._level)
 
 
-def describe(spec) -> dict:
+def describe(spec, download: bool | None = None) -> dict:
     """The backbone record for the manifest (same keys as the built-in backbones' plus timm's)."""
     timm = _import_timm(spec.name, BackboneWeightsError)
     model = model_name(spec.name)
-    path = resolve_weights(spec)
+    path = resolve_weights(spec, download)
     layout = _layout(model, spec.image_size)
     pre = preprocessing(model)
     return {

@@ -20,6 +20,7 @@ from pathlib import Path
 from cache import layout as L
 from cache.reader import FeatureCache
 from cache.store import FEATURES_FILE, Store, StoreError, store_root
+from extract.backbone_weights import OFFLINE_ENV
 from extract.backbones import BackboneSpec, check_backbone_name, default_image_size, feature_shape  # noqa: F401
 from extract.datasets import build_dataset, canonical_name
 from extract.distributed import broadcast, dist_env, extract_sharded, process_group, torchrun_world
@@ -48,6 +49,7 @@ class ExtractOptions:
     skip_bad: bool = False
     overwrite: bool = False
     progress: bool = True
+    offline: bool = False               # no weight download (sets HF_HUB_OFFLINE for this process)
     dataset_options: dict = field(default_factory=dict)  # adapter options, e.g. the demo's images_per_class
 
 
@@ -103,6 +105,8 @@ def run(options: ExtractOptions, *, cache_dir: str | None = None, materialize: b
         log=print) -> str | None:
     """`msdn extract`: into a plain --out file, or into the store and/or across torchrun ranks.
     Returns the content key to print (once, on rank 0) when the result went into a store, else None."""
+    if options.offline:
+        os.environ[OFFLINE_ENV] = "1"  # read where a download would start (extract/backbone_weights.py)
     if uses_store(options, cache_dir) or torchrun_world() > 1:
         key = run_extract_scaled(options, cache_dir=cache_dir, materialize=materialize, log=log)
         if uses_store(options, cache_dir) and os.environ.get("RANK", "0") == "0":
