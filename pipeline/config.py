@@ -18,10 +18,10 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, as the tomli packag
     import tomli as tomllib
 
 from cache.errors import UserError
+from pipeline import RECIPE_DIR, available_recipes  # noqa: F401 (callers import them from here too)
 from extract.devices import check_device  # noqa: F401 (the CLI checks --device with the other options)
 from heads.config import HeadConfig
 
-RECIPE_DIR = Path(__file__).parent / "recipes"
 SAMPLERS = ("uniform", "class_balanced")
 SELECTIONS = ("val", "fixed")
 AMPS = ("auto", "none", "bf16", "fp16")
@@ -113,10 +113,6 @@ def finite_checks(obj, ranges: dict) -> list[tuple[bool, str]]:
 TRAIN_KEYS = {f.name for f in fields(TrainConfig)} - {"head"}
 HEAD_KEYS = {f.name for f in fields(HeadConfig)}
 assert not TRAIN_KEYS & HEAD_KEYS, "training and head keys must not collide: overrides use bare names"
-
-
-def available_recipes() -> list[str]:
-    return sorted(p.stem for p in RECIPE_DIR.glob("*.toml"))
 
 
 def load_recipe(name_or_path: str | Path) -> TrainConfig:
