@@ -26,8 +26,9 @@ def evaluate(checkpoint: str | Path, cache_path: str | Path | None = None, *, ca
              device: str = "auto", gamma: float | None = None, amp: str | None = None,
              batch_size: int | None = None, overwrite: bool = False, max_memory: str | None = None,
              log: Callable[[str], None] | None = None) -> dict:
-    """ZSL, U/S/H at the checkpoint's gamma (or `gamma`), AUSUC, and the best-H point of the test
-    curve. Refuses a cache whose content key or class split differs from the training cache.
+    """ZSL, U/S/H at the checkpoint's gamma (or `gamma`) and AUSUC; no test-chosen gamma (with
+    `out_dir` the whole test curve goes to curve.json). Refuses a cache whose content key or class
+    split differs from the training cache.
     `cache_path` None: the run's cache (pipeline/run_cache.py: config.json's, else by key in the store).
     With `out_dir`, writes config.json, metrics.jsonl, summary.json and curve.json there."""
     checkpoint, device = Path(checkpoint), resolve_device(device)
@@ -62,7 +63,7 @@ def evaluate(checkpoint: str | Path, cache_path: str | Path | None = None, *, ca
                "iteration": ckpt["iteration"], "device": str(device), "amp": amp,
                "test": scores_of(report),
                "test_gamma0": report.get("gamma0", {k: report[k] for k in ("U", "S", "H")}),
-               "best_gamma_on_test": report["best"], "recorded_at_training": ckpt["metrics"]}
+               "recorded_at_training": ckpt["metrics"]}
     if run is not None:
         run.write_config({"checkpoint": str(checkpoint), "cache": str(cache_path), "gamma": gamma,
                           "amp": amp, "device": str(device), "features": plan,

@@ -127,14 +127,21 @@ def attribute_embeddings(cache, config: TrainConfig) -> str:
     return f"word vectors from the cache, {cache.w2v_att.shape[1]}-d" + ("" if config.head.trainable_v else ", frozen")
 
 
+MIN_VALIDATION_CLASSES = 3  # below it, validation ZSL picks among 1 or 2 classes
+
+
 def validation_line(val: Task | None) -> str:
     """Which classes validate, and where that split came from (see pipeline/tasks.py): a line,
     then each part of the split's note indented on its own, so that a log keeps short lines."""
     if val is None:
         return "validation: none (selection = fixed: the recipe's iterations and gamma)"
+    few = [] if len(val.unseen) >= MIN_VALIDATION_CLASSES else [
+        f"warning: {len(val.unseen)} validation class(es): validation ZSL is trivial there (chance "
+        f"{100 / len(val.unseen):.0f}%), so the step and gamma it selects say little; mark more classes 'val' "
+        "(folder: classes.csv) or give the dataset more seen classes"]
     return "\n  ".join([f"validation: {len(val.unseen)} validation classes and {len(val.seen)} seen classes "
                         f"({len(val.train_rows)} training, {len(val.eval_seen_rows)} + {len(val.eval_unseen_rows)} "
-                        "evaluation images)", *val.note.split("; ")])
+                        "evaluation images)", *val.note.split("; "), *few])
 
 
 def evaluation_line(step: int, steps: int, report: dict, losses: dict) -> str:
@@ -227,7 +234,9 @@ def train_final(config: TrainConfig, test: Task, selection: dict, identity: dict
                                    amp=amp, with_curve=True)
             write_json_atomic(run.dir / "curve.json", {"split": "test", "step": step, **report.pop("curve")})
             run.log({"phase": "test", "step": step, "selected": True, "losses": losses, **report})
-            out["test"] = {**scores_of(report), "iteration": step, "best_gamma_on_test": report["best"]}
+            out["test"] = {**scores_of(report), "iteration": step}
+            # the best point of the TEST curve is a test-set choice: kept only with the paper protocol's numbers
+            paper["best_gamma_on_test"] = report["best"]
             out["test_gamma0"] = report.get("gamma0", {k: report[k] for k in ("U", "S", "H")})
             checkpoint("best.pt", step, report)
             if board is not None:
