@@ -8,7 +8,7 @@ import sys
 
 # OpenMP threads that wait by spinning burn the cores a neighbour needs, and a spinner descheduled
 # by a neighbour stalls its own team. Measured by bench/omp_policy.py on a shared 2-core machine
-# (2 torch threads, README "CPU threads on shared machines"): PASSIVE cut extraction to 1/3 (busy
+# (2 torch threads, docs/speed.md, "CPU threads on shared machines"): PASSIVE cut extraction to 1/3 (busy
 # machine) and 1/10 (plus two saturating processes) of the default's wall time per image, and
 # training steps by 35%, at the CPU cost of one thread. Set before torch loads; the user's wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -133,7 +133,7 @@ def main(debug) -> None:
 @main.command()
 @click.option("--dataset", default="demo", show_default=True,
               help="CUB, SUN, AWA2, AWA1, APY, FLO (xlsa17), CUB100 (CUB-style folder), demo, or folder "
-                   "(your own: --data-root DIR with images/<class>/, classes.csv, attributes.csv; README).")
+                   "(your own: --data-root DIR with images/<class>/, classes.csv, attributes.csv; docs/own-data.md).")
 @click.option("--out", default=None, type=click.Path(dir_okay=False),
               help="Feature cache to write [default: <dataset>_<backbone>_<size>.h5].")
 @click.option("--data-root", default=None, help="Data folder [default: ./data; CUB100: $MSDN_SHARED_DATA when set; folder: required].")

@@ -1,4 +1,4 @@
-"""The feature cache file: key names, dataset layout and creation (README "Stage 1", docs/method.md "Data").
+"""The feature cache file: key names, dataset layout and creation (docs/extracting.md, docs/method.md "Data").
 
 One HDF5 file per (dataset, backbone, image size). N images, C_cls classes, A attributes, D = word
 vector size, (C, H, W) = the backbone's feature map shape.

@@ -11,7 +11,7 @@ compressed chunks as they are (no recompression) into a fresh file and continues
 Rows are compressed by `ChunkCodec` threads and handed to HDF5 as finished chunks (`write_direct_chunk`).
 
 h5py compresses inside H5Dwrite while holding the GIL, one chunk after another, far below what a
-GPU extracts (a few hundred rows/s with lzf on one core; README, "GPU path"). Here
+GPU extracts (a few hundred rows/s with lzf on one core; docs/speed.md, "GPU path"). Here
 each row is compressed by a thread in C code that releases the GIL, producing exactly the bytes the
 HDF5 filter would store, and HDF5 only copies them into the file:
 

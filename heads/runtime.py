@@ -2,7 +2,7 @@
 
 glibc serves every allocation above ~32 MiB with a fresh mmap and returns it on free, so each
 training step page-faults its (B*R, 4A) activations and their gradients in again: on CUB shapes
-that costs about as much as the bfloat16 GEMMs themselves (README, "Training speed"). Serving large
+that costs about as much as the bfloat16 GEMMs themselves (docs/speed.md, "Training speed"). Serving large
 blocks from the heap and not trimming it makes a step reuse the same (already mapped) memory.
 The price: memory freed by the process is kept for reuse instead of returned to the system.
 Call once at start-up of a training/evaluation process (engine, bench); a no-op off glibc.

@@ -2,7 +2,7 @@
 
 On a CPU, bfloat16 matmuls are fast only with native instructions (x86: AVX512-BF16 or AMX-BF16;
 Arm: the BF16 extension). Without them oneDNN converts to float32 and back around each product,
-and bf16 autocast runs several times slower than float32 (figures: README, "CPU threads on shared
+and bf16 autocast runs several times slower than float32 (figures: docs/speed.md, "CPU threads on shared
 machines" and "Training speed").
 
 Detection reads the CPU flags the kernel reports (/proc/cpuinfo). MSDN_CPU_BF16=native|emulated

@@ -1,4 +1,4 @@
-"""Install and portability (README "Install"): Python 3.10's missing tomllib, a platform without fcntl
+"""Install and portability (docs/troubleshooting.md, "Platforms"): Python 3.10's missing tomllib, a platform without fcntl
 (Windows), `msdn --version`, store keys in every --cache, and a device this machine lacks: each one
 line or a working fallback, never a traceback."""
 import json

@@ -1,11 +1,11 @@
 """`msdn ablate` end to end: resolve a preset, make sure its cache exists, plan, run, write tables.
 
-Presets are the README's worked examples, each one command:
+Presets are the worked examples of docs/ablations.md, each one command:
   demo   - the rendered demo set (extracted into <out>/ once), every built-in ablation, 3 seeds,
            the demo recipe's own 300 steps (what `msdn demo` trains): 36 runs;
   cub100 - CUB-100 real photos, EfficientNet-Lite0 at 224 px, the CUB100 recipe cut to 800 steps,
            8 ablations, 2 seeds (a benchmark, extraction included);
-(their run times: README, "Ablations, reports and pictures")
+(their run times: docs/ablations.md)
   causal - the causal-attention screen (pipeline/commands/ablate/causal.py): CUB-100 at 224 px, MSDN and 6
            readings of the causal term x 2 weights x 3 seeds, weight chosen on validation, paired
            differences to MSDN in paired.md; `--set` and `--seeds` as usual (448 px: --cache).

@@ -32,7 +32,7 @@ from pipeline.runlog import to_jsonable, write_json_atomic
 
 # The causal setting of the "full" model when the recipe trains plain MSDN (lambda_causal = 0): the
 # reading and weight that the CUB-100 causal screen chose on validation (results/causal/cub100_224,
-# README "Does the causal attention help?"), not a fixed CAL weight.
+# docs/results.md, "Does the causal attention help?"), not a fixed CAL weight.
 VALIDATED_CAUSAL = {"lambda_causal": 0.3, "causal_level": "attribute"}
 CELL_FILE = "cell.json"
 SCORE_COLUMNS = SCORES  # percent in runs.csv
