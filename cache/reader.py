@@ -89,10 +89,20 @@ class FeatureCache:
         self.skipped = self._mask(L.SKIPPED, n, default=False)
         self.image_paths = [p.decode() if isinstance(p, bytes) else str(p) for p in f[L.IMAGE_PATHS][:]] \
             if L.IMAGE_PATHS in f else None
+        self.class_names = self._names(L.CLASS_NAMES, num_classes)
+        self.attribute_names = self._names(L.ATTRIBUTE_NAMES, num_att)
         raw = f.attrs.get(L.MANIFEST_ATTR)
         self.manifest = json.loads(raw) if raw is not None else None
         key = f.attrs.get(L.CONTENT_KEY_ATTR)
         self.content_key = str(key) if key is not None else None
+
+    def _names(self, key: str, n: int) -> list[str] | None:
+        """Stored display names, or None (older and TransZero files have none; a list of the wrong
+        length is ignored: names are for display only)."""
+        if key not in self.file:
+            return None
+        names = [p.decode() if isinstance(p, bytes) else str(p) for p in self.file[key][()].reshape(-1)]
+        return names if len(names) == n else None
 
     def _vector(self, key: str, n: int | None) -> np.ndarray:
         ds = self.file[key]

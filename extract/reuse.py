@@ -4,7 +4,10 @@
                                                (with skipped rows and resume: retry those rows)
     finished or partial, only image files   -> resume: recompute just the rows whose image changed
       changed size since extraction            without resume: error saying so
-    other inputs                            -> error (overwrite replaces it)
+    finished <out> of other inputs          -> error (overwrite replaces it: a finished file is kept)
+    <out>.partial of other inputs           -> replaced, after one line that says so (with or without
+                                               resume: its rows cannot serve this command, e.g. after a
+                                               wrong --weights)
     <out>.partial, same inputs              -> resume continues it; without resume: error
 
 A finished file that goes back to work is renamed to `<out>.partial` first, so `<out>` never names
@@ -47,9 +50,14 @@ def check_existing(out: Path, partial: Path, manifest: dict, image_bytes: np.nda
         os.replace(out, partial)
         return False
     if partial.exists():
+        other = _other_inputs(partial, manifest, image_bytes)
+        if other is not None:
+            log(f"{partial}: an unfinished extraction of other inputs ({other}) is replaced by this one")
+            partial.unlink()
+            return False
         if not resume:
-            raise ReuseError(f"{partial}: an unfinished extraction is there; pass --resume to continue it "
-                             "or --overwrite to start again")
+            raise ReuseError(f"{partial}: an unfinished extraction of the same inputs is there; pass --resume to "
+                             "continue it or --overwrite to start again")
         _compare(partial, manifest, image_bytes)
         _adopt(partial, manifest, image_bytes, log)
         log(f"resuming {partial}")
@@ -70,6 +78,22 @@ def _compare(path: Path, manifest: dict, image_bytes: np.ndarray) -> tuple[int, 
         raise ReuseError(f"{path}: holds features of other inputs (content key {key[:12]}... != "
                          f"{manifest['content_key'][:12]}...); pass --overwrite to replace it or choose another --out")
     return int((stored_bytes != image_bytes).sum()), skipped
+
+
+def _other_inputs(partial: Path, manifest: dict, image_bytes: np.ndarray) -> str | None:
+    """None when `partial` holds these inputs (or cannot be read: _compare says so), else in words
+    what it holds: its content key and rows done."""
+    try:
+        with FeatureCache(partial) as cache:
+            stored, done = cache.manifest, int(cache.done.sum())
+            bytes_shape = cache.file[L.IMAGE_BYTES].shape if L.IMAGE_BYTES in cache.file else None
+    except CacheError:
+        return None
+    if stored is not None and "content" in stored and _inputs(stored) == _inputs(manifest) \
+            and bytes_shape == image_bytes.shape:
+        return None
+    key = (stored or {}).get("content_key", "none")
+    return f"content key {key[:12]}... != {manifest['content_key'][:12]}..., {done} of {len(cache.done)} rows done"
 
 
 def _adopt(path: Path, manifest: dict, image_bytes: np.ndarray, log) -> None:

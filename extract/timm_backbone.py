@@ -11,11 +11,12 @@
 - Preprocessing: the model's pretrained config (`pretrained_cfg`, as
   `timm.data.resolve_data_config` reads it): mean, std, interpolation, and its crop: the shorter side
   resized to floor(S / crop_pct), then a centre crop of S (crop_mode "squash": both sides).
-- Weights, never downloaded here: `--weights FILE` (a state dict, .pth/.bin, or a .safetensors file,
-  loaded through timm's own pretrained loader so its checkpoint filters apply), `imagenet` = the file
-  already in timm's local caches (Hugging Face hub cache, or torch hub's for URL weights), or
-  `random` (tests only). A missing file is one BackboneWeightsError line naming the model and
-  `--weights FILE`.
+- Weights: `--weights FILE` (a state dict, .pth/.bin, or a .safetensors file, loaded through timm's
+  own pretrained loader so its checkpoint filters apply), `imagenet` = the file in timm's local
+  caches (Hugging Face hub cache, or torch hub's for URL weights), downloaded there by timm itself
+  (`pretrained=True`) when it is missing and the machine is online ($HF_HUB_OFFLINE / `msdn extract
+  --offline` forbid it), or `random` (tests only). A file neither cached nor downloadable is one
+  BackboneWeightsError line naming the model and `--weights FILE` (extract/timm_weights.py).
 - The manifest records the timm version, the model name, the weights' sha256 and the preprocessing.
 
 timm is an optional extra: `pip install "msdn-zsl[timm]"`.
@@ -27,32 +28,14 @@ import logging
 import math
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 
 import torch
 import torchvision.transforms as T
 from torch import nn
 
 from extract.backbone_weights import BackboneWeightsError, weights_record
-
-TIMM_PREFIX = "timm:"
-INSTALL_HINT = 'pip install "msdn-zsl[timm]"'
-
-
-def model_name(backbone: str) -> str:
-    """timm:<model> -> <model>."""
-    return backbone[len(TIMM_PREFIX):]
-
-
-def _import_timm(backbone: str, error=ValueError):
-    try:
-        import timm
-        import timm.data  # noqa: F401
-    except ImportError as err:
-        raise error(f"{backbone}: timm backbones need the timm package, which is not installed "
-                    f"({INSTALL_HINT})") from err
-    return timm
-
+from extract.timm_weights import INSTALL_HINT, TIMM_PREFIX, cached_weights, model_name, resolve_weights  # noqa: F401
+from extract.timm_weights import import_timm as _import_timm
 
 def check_timm_model(model: str) -> None:
     """ValueError in one line unless timm is installed, knows `model` (and its pretrained tag, if
@@ -167,58 +150,6 @@ def _crop_record(pre: Preprocessing, image_size: int) -> dict:
             f"center (timm's {pre.crop_mode!r} mode is not reproduced)"}
 
 
-# ----------------------------------------------------------------------------- weights
-def cached_weights(model: str) -> tuple[Path | None, str]:
-    """(file in timm's local caches or None, where it was looked for)."""
-    timm = _import_timm(TIMM_PREFIX + model, BackboneWeightsError)
-    cfg = timm.models.get_pretrained_cfg(model)
-    if cfg is None:
-        return None, "timm has no pretrained weights for it"
-    places = []
-    if cfg.hf_hub_id:
-        try:
-            from huggingface_hub import constants, try_to_load_from_cache
-        except ImportError:
-            constants = None
-        if constants is not None:
-            repo, _, revision = cfg.hf_hub_id.partition("@")
-            for filename in ([cfg.hf_hub_filename] if cfg.hf_hub_filename else
-                             ["model.safetensors", "pytorch_model.bin"]):
-                found = try_to_load_from_cache(repo, filename, cache_dir=constants.HF_HUB_CACHE,
-                                               revision=revision or None)
-                if isinstance(found, str) and Path(found).is_file():
-                    return Path(found), ""
-            places.append(f"Hugging Face cache {constants.HF_HUB_CACHE} for {repo}")
-    if cfg.url:
-        path = Path(torch.hub.get_dir()) / "checkpoints" / cfg.url.rsplit("/", 1)[-1]
-        if path.is_file():
-            return path, ""
-        places.append(str(path))
-    return None, "looked in " + " and ".join(places) if places else "no download source known"
-
-
-def resolve_weights(spec) -> Path | None:
-    """The weights file `spec` asks for (None for random init); BackboneWeightsError in one line when
-    it is not on this machine (nothing is downloaded)."""
-    model = model_name(spec.name)
-    _import_timm(spec.name, BackboneWeightsError)
-    if spec.weights == "random":
-        return None
-    if spec.weights == "imagenet":
-        path, where = cached_weights(model)
-        if path is None:
-            raise BackboneWeightsError(
-                f"{spec.name}: no pretrained weights for timm model {model!r} on this machine ({where}) "
-                f"and extraction never downloads: pass --weights FILE (a state dict or .safetensors "
-                f"file of {model}), or fill timm's cache on a machine with internet "
-                f"(python -c \"import timm; timm.create_model('{model}', pretrained=True)\")")
-        return path.resolve()
-    path = Path(spec.weights).expanduser()
-    if not path.is_file():
-        raise BackboneWeightsError(f"{path}: weights file not found (for backbone {spec.name})")
-    return path.resolve()
-
-
 def _classifier_names(model: str) -> tuple[str, ...]:
     timm = _import_timm(TIMM_PREFIX + model)
     cfg = timm.models.get_pretrained_cfg(model)
@@ -303,11 +234,11 @@ class _KeyMismatches(logging.Handler):
         self._logger.setLevel(self._level)
 
 
-def describe(spec) -> dict:
+def describe(spec, download: bool | None = None) -> dict:
     """The backbone record for the manifest (same keys as the built-in backbones' plus timm's)."""
     timm = _import_timm(spec.name, BackboneWeightsError)
     model = model_name(spec.name)
-    path = resolve_weights(spec)
+    path = resolve_weights(spec, download)
     layout = _layout(model, spec.image_size)
     pre = preprocessing(model)
     return {

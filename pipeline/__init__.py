@@ -1,5 +1,13 @@
 """Stage 2 and the command glue: the training core (config, tasks, features, samplers, engine, train,
 evaluate, metrics, checkpoint, run log) here, one module per other command in pipeline/commands/."""
+from pathlib import Path
+
+RECIPE_DIR = Path(__file__).parent / "recipes"
+
+
+def available_recipes() -> list[str]:
+    """The recipe names pipeline/recipes/ holds (light: `msdn train --help` lists them)."""
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.toml"))
 
 
 

@@ -18,10 +18,10 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, as the tomli packag
     import tomli as tomllib
 
 from cache.errors import UserError
+from pipeline import RECIPE_DIR, available_recipes  # noqa: F401 (callers import them from here too)
 from extract.devices import check_device  # noqa: F401 (the CLI checks --device with the other options)
 from heads.config import HeadConfig
 
-RECIPE_DIR = Path(__file__).parent / "recipes"
 SAMPLERS = ("uniform", "class_balanced")
 SELECTIONS = ("val", "fixed")
 AMPS = ("auto", "none", "bf16", "fp16")
@@ -55,6 +55,9 @@ class TrainConfig:
     selection: str = "val"
     select_iterations: bool = True
     val_seen_fraction: float = 0.2  # share of each validation-seen class held out to measure S
+    # early stopping of the validation run: stop once this many evaluations in a row bring no better
+    # validation H (then AUSUC) than the best so far; 0 = off (the paper recipes: their schedule runs out)
+    patience: int = 0
     gamma: float = 0.0              # calibrated stacking on top of the heads' fixed +-bias
     # speed
     amp: str = "auto"               # auto = bf16 on CUDA, none on CPU
@@ -73,6 +76,7 @@ class TrainConfig:
              "batch_size, iterations, eval_every, log_every and eval_batch_size must be positive"),
             (0.0 < self.val_seen_fraction < 1.0, f"val_seen_fraction must lie in (0, 1), got {self.val_seen_fraction}"),
             (self.seed >= 0, f"seed must be >= 0, got {self.seed}"),
+            (self.patience >= 0, f"patience must be >= 0 (0 = no early stopping), got {self.patience}"),
             # RMSprop: alpha >= 1 never forgets the first squared gradients (or, above 1, makes their
             # average negative: NaN steps); momentum >= 1 makes the steps grow without bound
             *finite_checks(self, {"lr": "> 0", "eps": "> 0", "weight_decay": ">= 0", "momentum": "[0, 1)",
@@ -109,10 +113,6 @@ def finite_checks(obj, ranges: dict) -> list[tuple[bool, str]]:
 TRAIN_KEYS = {f.name for f in fields(TrainConfig)} - {"head"}
 HEAD_KEYS = {f.name for f in fields(HeadConfig)}
 assert not TRAIN_KEYS & HEAD_KEYS, "training and head keys must not collide: overrides use bare names"
-
-
-def available_recipes() -> list[str]:
-    return sorted(p.stem for p in RECIPE_DIR.glob("*.toml"))
 
 
 def load_recipe(name_or_path: str | Path) -> TrainConfig:

@@ -112,7 +112,8 @@ def fit(model: MSDN, store: ResidentFeatures, train_rows: np.ndarray, train_labe
         steps: int, amp: str, on_eval: Callable[[int, dict], None] | None = None, eval_every: int | None = None,
         desc: str = "train", progress: bool = True, on_log: Callable[[int, dict], None] | None = None) -> dict:
     """Train `model` for `steps` RMSprop steps on the given rows; call `on_eval(step, losses)` every
-    `eval_every` steps (and at the last), and `on_log(step, values)` at every host read-back
+    `eval_every` steps (and at the last; a true return value stops training there: early stopping),
+    and `on_log(step, values)` at every host read-back
     (every `log_every` steps: the interval's mean loss terms and "samples_per_s"; nothing is read
     back for it). Progress: a bar on a terminal, plain lines in a log (extract/progress.py).
     Returns {"steps", "seconds" (training only), "eval_seconds", "cpu_seconds" (training only; the
@@ -125,7 +126,7 @@ def fit(model: MSDN, store: ResidentFeatures, train_rows: np.ndarray, train_labe
     optimizer = build_optimizer(model, config)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     check_each_step = device.type in CHECK_EACH_STEP_ON
-    history, n_running, last = None, 0, {}
+    history, n_running, last, stop = None, 0, {}, False
     samples, total_samples, eval_seconds, clock = 0, 0, 0.0, time.perf_counter()
     start, start_cpu, eval_cpu = clock, time.process_time(), 0.0  # CPU: all threads, a streaming reader's too
     bar = progress_bar(steps, desc, unit="steps", enabled=progress, dynamic_ncols=True, leave=False)
@@ -167,13 +168,16 @@ def fit(model: MSDN, store: ResidentFeatures, train_rows: np.ndarray, train_labe
             if on_eval is not None and eval_every and (step % eval_every == 0 or step == steps):
                 eval_start, eval_start_cpu = time.perf_counter(), time.process_time()
                 try:
-                    on_eval(step, dict(last))
+                    stop = bool(on_eval(step, dict(last)))
                 except DivergedError as err:  # non-finite scores (evaluate_task)
                     raise DivergedError(f"{desc}: step {step} of {steps}: {err}; likely cause: "
                                         f"{likely_cause(config, amp)}") from None
                 clock = time.perf_counter()  # evaluation time does not count as training time
                 eval_seconds += clock - eval_start
                 eval_cpu += time.process_time() - eval_start_cpu
+                if stop:
+                    steps = step
+                    break
     bar.close()
     seconds = time.perf_counter() - start - eval_seconds
     return {"steps": steps, "seconds": seconds, "eval_seconds": eval_seconds,

@@ -16,19 +16,24 @@ from pipeline.engine import DivergedError, build_model, evaluate_task, resolve_a
 from pipeline.features import bank_dtype
 from pipeline.memory import describe_plan, open_features
 from pipeline.metrics import scores_of
+from pipeline.run_cache import find_cache
 from pipeline.runlog import RunLog, write_json_atomic
 from pipeline.tasks import benchmark_task, usable_splits
 
 
-def evaluate(checkpoint: str | Path, cache_path: str | Path, *, out_dir: str | Path | None = None,
+def evaluate(checkpoint: str | Path, cache_path: str | Path | None = None, *, cache_dir: str | None = None,
+             out_dir: str | Path | None = None,
              device: str = "auto", gamma: float | None = None, amp: str | None = None,
              batch_size: int | None = None, overwrite: bool = False, max_memory: str | None = None,
              log: Callable[[str], None] | None = None) -> dict:
-    """ZSL, U/S/H at the checkpoint's gamma (or `gamma`), AUSUC, and the best-H point of the test
-    curve. Refuses a cache whose content key or class split differs from the training cache.
+    """ZSL, U/S/H at the checkpoint's gamma (or `gamma`) and AUSUC; no test-chosen gamma (with
+    `out_dir` the whole test curve goes to curve.json). Refuses a cache whose content key or class
+    split differs from the training cache.
+    `cache_path` None: the run's cache (pipeline/run_cache.py: config.json's, else by key in the store).
     With `out_dir`, writes config.json, metrics.jsonl, summary.json and curve.json there."""
-    checkpoint, cache_path, device = Path(checkpoint), Path(cache_path), resolve_device(device)
+    checkpoint, device = Path(checkpoint), resolve_device(device)
     ckpt = load_checkpoint(checkpoint)
+    cache_path = Path(cache_path) if cache_path is not None else find_cache(checkpoint, ckpt, None, cache_dir)
     config = TrainConfig.from_dict(ckpt["config"], where=f"{checkpoint} (embedded config)")
     gamma = ckpt["gamma"] if gamma is None else float(gamma)
     amp = resolve_amp(amp or config.amp, device)
@@ -58,7 +63,7 @@ def evaluate(checkpoint: str | Path, cache_path: str | Path, *, out_dir: str | P
                "iteration": ckpt["iteration"], "device": str(device), "amp": amp,
                "test": scores_of(report),
                "test_gamma0": report.get("gamma0", {k: report[k] for k in ("U", "S", "H")}),
-               "best_gamma_on_test": report["best"], "recorded_at_training": ckpt["metrics"]}
+               "recorded_at_training": ckpt["metrics"]}
     if run is not None:
         run.write_config({"checkpoint": str(checkpoint), "cache": str(cache_path), "gamma": gamma,
                           "amp": amp, "device": str(device), "features": plan,

@@ -11,7 +11,8 @@ extra `pip install "msdn-zsl[tb]"`). Tags, with the training step as the x axis:
     test/ZSL, test/U, test/S, test/H, test/gamma, test/AUSUC   (once, at the selected step)
 
 U, S and H of a validation point are at its best calibration gamma, as the selection reads them;
-the test split's at the gamma selected on validation.
+the test split's at the gamma selected on validation. ZSL, U, S, H and AUSUC are in percent, as the
+console prints them (the JSON files keep fractions: docs/frictions-notes.md); gamma as is.
 The loss terms arrive at the training loop's existing host read-back (every log_every steps,
 pipeline/engine.py: fit's on_log), already on the host: the writer adds no device synchronisation,
 and its file writes happen on SummaryWriter's own thread.
@@ -55,7 +56,7 @@ class TensorBoardLog:
         point = report["best"] if best_point else report
         for name, value in (("ZSL", report["ZSL"]), ("U", point["U"]), ("S", point["S"]), ("H", point["H"]),
                             ("gamma", point["gamma"]), ("AUSUC", report["AUSUC"])):
-            self.writer.add_scalar(f"{split}/{name}", float(value), step)
+            self.writer.add_scalar(f"{split}/{name}", float(value) * (1 if name == "gamma" else 100), step)
         self.writer.flush()  # an evaluation is rare: make it visible now
 
     def close(self) -> None:

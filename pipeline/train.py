@@ -55,7 +55,9 @@ def train(config: TrainConfig, cache_path: str | Path, out_dir: str | Path, *, d
     log = log or (lambda msg: print(msg, file=sys.stderr))
     if tensorboard:
         summary_writer_class()  # a missing package is refused before anything is read or written
-    device, cache_path, out_dir = resolve_device(device), Path(cache_path), Path(out_dir)
+    # the cache is recorded absolute, so that predict/evaluate/visualize find it from any directory
+    # (and by its content key in the store when it moved: pipeline/run_cache.py)
+    device, cache_path, out_dir = resolve_device(device), Path(cache_path).absolute(), Path(out_dir)
     amp_choice = choose_amp(config.amp, device)
     amp = amp_choice.amp
     keep_freed_memory(True)  # the step's large temporaries reuse mapped memory (heads/runtime.py)
@@ -125,14 +127,21 @@ def attribute_embeddings(cache, config: TrainConfig) -> str:
     return f"word vectors from the cache, {cache.w2v_att.shape[1]}-d" + ("" if config.head.trainable_v else ", frozen")
 
 
+MIN_VALIDATION_CLASSES = 3  # below it, validation ZSL picks among 1 or 2 classes
+
+
 def validation_line(val: Task | None) -> str:
     """Which classes validate, and where that split came from (see pipeline/tasks.py): a line,
     then each part of the split's note indented on its own, so that a log keeps short lines."""
     if val is None:
         return "validation: none (selection = fixed: the recipe's iterations and gamma)"
+    few = [] if len(val.unseen) >= MIN_VALIDATION_CLASSES else [
+        f"warning: {len(val.unseen)} validation class(es): validation ZSL is trivial there (chance "
+        f"{100 / len(val.unseen):.0f}%), so the step and gamma it selects say little; mark more classes 'val' "
+        "(folder: classes.csv) or give the dataset more seen classes"]
     return "\n  ".join([f"validation: {len(val.unseen)} validation classes and {len(val.seen)} seen classes "
                         f"({len(val.train_rows)} training, {len(val.eval_seen_rows)} + {len(val.eval_unseen_rows)} "
-                        "evaluation images)", *val.note.split("; ")])
+                        "evaluation images)", *val.note.split("; "), *few])
 
 
 def evaluation_line(step: int, steps: int, report: dict, losses: dict) -> str:
@@ -162,7 +171,7 @@ def select_on_validation(config: TrainConfig, val: Task, *, cache, store, labels
     model = build_model(config.head, cache, val, store.device, config.seed)
     history = []
 
-    def on_eval(step: int, losses: dict) -> None:
+    def on_eval(step: int, losses: dict) -> bool:
         report = evaluate_task(model, store, val, labels, gamma=config.gamma,
                                batch_size=config.eval_batch_size, amp=amp)
         record = {"phase": "val", "step": step, "losses": losses, **report}
@@ -173,6 +182,12 @@ def select_on_validation(config: TrainConfig, val: Task, *, cache, store, labels
                 log(evaluation_line(step, config.iterations, report, losses))
         if board is not None:
             board.evaluation("validation", step, report, best_point=True)
+        stop = should_stop(history, config)
+        if stop and log is not None:
+            with above_bars():
+                log(f"early stop at step {step}: no better validation H in {config.patience} evaluations "
+                    f"(patience; --set patience=0 runs all {config.iterations} steps)")
+        return stop
 
     on_log = None if board is None else (lambda step, values: board.training("validation_run", step, values))
     timing = fit(model, store, val.train_rows, val.local_labels(labels[val.train_rows]), config,
@@ -181,7 +196,19 @@ def select_on_validation(config: TrainConfig, val: Task, *, cache, store, labels
     chosen = choose_evaluation(history) if config.select_iterations else history[-1]
     return {"mode": "val", "iteration": chosen["step"], "gamma": chosen["best"]["gamma"],
             "validation": {k: chosen[k] for k in ("ZSL", "AUSUC", "best")}, "task": val.describe(),
+            "validation_steps": timing["steps"], "stopped_early": timing["steps"] < config.iterations,
             "train_seconds": timing["seconds"], "eval_seconds": timing["eval_seconds"]}
+
+
+def should_stop(history: list[dict], config: TrainConfig) -> bool:
+    """Early stopping: the last `patience` evaluations brought no strictly better (H, AUSUC) than the
+    best before them. Only where the iteration count is selected (else the recipe's step is kept)."""
+    if not config.patience or not config.select_iterations or len(history) <= config.patience:
+        return False
+    def score(r):
+        return round(r["best"]["H"], 6), round(r["AUSUC"], 6)
+    before = max(score(r) for r in history[:-config.patience])
+    return all(score(r) <= before for r in history[-config.patience:])
 
 
 def choose_evaluation(history: list[dict]) -> dict:
@@ -207,7 +234,9 @@ def train_final(config: TrainConfig, test: Task, selection: dict, identity: dict
                                    amp=amp, with_curve=True)
             write_json_atomic(run.dir / "curve.json", {"split": "test", "step": step, **report.pop("curve")})
             run.log({"phase": "test", "step": step, "selected": True, "losses": losses, **report})
-            out["test"] = {**scores_of(report), "iteration": step, "best_gamma_on_test": report["best"]}
+            out["test"] = {**scores_of(report), "iteration": step}
+            # the best point of the TEST curve is a test-set choice: kept only with the paper protocol's numbers
+            paper["best_gamma_on_test"] = report["best"]
             out["test_gamma0"] = report.get("gamma0", {k: report[k] for k in ("U", "S", "H")})
             checkpoint("best.pt", step, report)
             if board is not None:

@@ -20,7 +20,8 @@ from pathlib import Path
 from cache import layout as L
 from cache.reader import FeatureCache
 from cache.store import FEATURES_FILE, Store, StoreError, store_root
-from extract.backbones import BackboneSpec, check_backbone_name, feature_shape  # noqa: F401 (cli: --backbone)
+from extract.backbone_weights import OFFLINE_ENV
+from extract.backbones import BackboneSpec, check_backbone_name, default_image_size, feature_shape  # noqa: F401
 from extract.datasets import build_dataset, canonical_name
 from extract.distributed import broadcast, dist_env, extract_sharded, process_group, torchrun_world
 from extract.extractor import ExtractError, extract_features
@@ -37,7 +38,7 @@ class ExtractOptions:
     w2v_root: str | None = None         # default <data_root>/attribute_w2v (or w2v/)
     w2v: str = "auto"                   # "none": no word vectors in the cache (random-init embeddings)
     backbone: str = "resnet101"
-    image_size: int = 448
+    image_size: int | None = None       # default per backbone: extract.backbones.default_image_size
     weights: str = "imagenet"
     batch_size: int | None = None       # default per device and backbone (extract/loader.py)
     device: str = "auto"
@@ -48,6 +49,7 @@ class ExtractOptions:
     skip_bad: bool = False
     overwrite: bool = False
     progress: bool = True
+    offline: bool = False               # no weight download (sets HF_HUB_OFFLINE for this process)
     dataset_options: dict = field(default_factory=dict)  # adapter options, e.g. the demo's images_per_class
 
 
@@ -64,7 +66,12 @@ def default_data_root(dataset: str) -> str | None:
 
 def default_out(options: ExtractOptions) -> Path:
     backbone = options.backbone.replace(":", "-")  # timm:<model> -> timm-<model>: no colon in file names
-    return Path(f"{options.dataset}_{backbone}_{options.image_size}.h5")
+    return Path(f"{options.dataset}_{backbone}_{image_size_of(options)}.h5")
+
+
+def image_size_of(options: ExtractOptions) -> int:
+    """--image-size, else the backbone's default (extract/backbones.py: default_image_size)."""
+    return options.image_size if options.image_size is not None else default_image_size(options.backbone)[0]
 
 
 def build_inputs(options: ExtractOptions):
@@ -74,7 +81,7 @@ def build_inputs(options: ExtractOptions):
     dataset = build_dataset(name, data_root=data_root, xlsa17_root=options.xlsa17_root, w2v_root=options.w2v_root,
                             w2v=options.w2v, **options.dataset_options)
     try:
-        spec = BackboneSpec(options.backbone, options.image_size, options.weights)
+        spec = BackboneSpec(options.backbone, image_size_of(options), options.weights)
         feature_shape(spec)  # timm:<model>: timm installed, knows the model, gives a map at this size
     except ValueError as err:
         raise ExtractError(str(err)) from None
@@ -98,6 +105,8 @@ def run(options: ExtractOptions, *, cache_dir: str | None = None, materialize: b
         log=print) -> str | None:
     """`msdn extract`: into a plain --out file, or into the store and/or across torchrun ranks.
     Returns the content key to print (once, on rank 0) when the result went into a store, else None."""
+    if options.offline:
+        os.environ[OFFLINE_ENV] = "1"  # read where a download would start (extract/backbone_weights.py)
     if uses_store(options, cache_dir) or torchrun_world() > 1:
         key = run_extract_scaled(options, cache_dir=cache_dir, materialize=materialize, log=log)
         if uses_store(options, cache_dir) and os.environ.get("RANK", "0") == "0":

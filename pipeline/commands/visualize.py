@@ -21,8 +21,10 @@ from cache.reader import FeatureCache
 from cache.store import resolve_cache
 from extract.devices import resolve_device
 from pipeline.commands.attention import attribute_features, heat_in_image, load_trained, top_attribute_attention
+from pipeline.checkpoint import load_checkpoint
 from pipeline.features import ResidentFeatures
 from pipeline.metrics import gzsl_accuracy, seen_unseen_curve
+from pipeline.run_cache import find_cache
 
 
 class VisualizeError(UserError, ValueError):
@@ -42,7 +44,17 @@ def _pyplot():
 
 def dataset_extras(cache: FeatureCache, image_root: str | Path | None = None) -> dict:
     """Image root, attribute and class names, boxes: from the dataset the cache was extracted from
-    when it can be rebuilt (the manifest records it), else neutral fallbacks."""
+    when it can be rebuilt (the manifest records it); names stored in the cache win; else neutral
+    fallbacks."""
+    extras = _rebuilt_extras(cache, image_root)
+    if cache.class_names is not None:
+        extras["class_names"] = list(cache.class_names)
+    if cache.attribute_names is not None:
+        extras["attribute_names"] = list(cache.attribute_names)
+    return extras
+
+
+def _rebuilt_extras(cache: FeatureCache, image_root: str | Path | None) -> dict:
     manifest = (cache.manifest or {}).get("dataset", {})
     num_classes, num_att = cache.att.shape
     extras = {"root": Path(image_root) if image_root else (Path(manifest["root"]) if "root" in manifest else None),
@@ -69,14 +81,12 @@ def resolve_inputs(run_dir, checkpoint, cache_path, out_dir, cache_dir=None) -> 
     if run_dir is None and (checkpoint is None or cache_path is None or out_dir is None):
         raise VisualizeError("give --run, or all of --checkpoint, --cache and --out")
     run_dir = Path(run_dir) if run_dir else None
-    if cache_path is None:
-        try:
-            cache_path = json.loads((run_dir / "config.json").read_text())["run"]["cache"]
-        except (OSError, KeyError, json.JSONDecodeError):
-            raise VisualizeError(f"{run_dir / 'config.json'}: no cache recorded; pass --cache") from None
     checkpoint = Path(checkpoint) if checkpoint else run_dir / "best.pt"
     if not checkpoint.is_file():
         raise VisualizeError(f"{checkpoint}: no checkpoint (an unfinished or failed run?)")
+    if cache_path is None:  # the run's: config.json's path, else by content key in the store
+        return checkpoint, find_cache(checkpoint, load_checkpoint(checkpoint), None, cache_dir), \
+            Path(out_dir) if out_dir else run_dir / "pictures"
     return checkpoint, resolve_cache(cache_path, cache_dir), Path(out_dir) if out_dir else run_dir / "pictures"
 
 

@@ -93,7 +93,8 @@ def test_our_layout_round_trips(tmp_path, arrays, compression, dtype):
         assert fm.chunks == (1, C, H, W) and fm.dtype == L.DTYPES[dtype]
         assert fm.compression == (None if compression == "none" else compression)
         assert set(f) == {"feature_map", "labels", "trainval_loc", "test_seen_loc", "test_unseen_loc", "att",
-                          "original_att", "w2v_att", "image_paths", "image_bytes", "done", "skipped", "row_crc32"}
+                          "original_att", "w2v_att", "image_paths", "image_bytes", "done", "skipped", "row_crc32",
+                          "class_names"}
         assert json.loads(f.attrs["manifest"])["content_key"] == f.attrs["content_key"]
     with FeatureCache(path) as cache:
         assert cache.complete and cache.image_paths[3] == "img3.jpg" and cache.content_key == "k" * 64

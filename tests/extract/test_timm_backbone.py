@@ -45,10 +45,11 @@ REG_VIT = "timm:vit_small_patch14_reg4_dinov2"  # class token + 4 register token
 
 @pytest.fixture
 def no_timm_cache(tmp_path, monkeypatch):
-    """Empty Hugging Face and torch hub caches: nothing to find, nothing downloaded."""
+    """Empty Hugging Face and torch hub caches: nothing to find, nothing downloaded (offline)."""
     import huggingface_hub.constants
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf_cache"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     return tmp_path / "hf_cache"
 
 

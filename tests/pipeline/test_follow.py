@@ -89,8 +89,9 @@ def test_tensorboard_event_files_hold_the_logged_tags(logged_run):
     for metric in ("ZSL", "U", "S", "H", "gamma", "AUSUC"):
         assert f"validation/{metric}" in tags and f"test/{metric}" in tags
         assert steps(f"validation/{metric}") == [20, 40, 60] and steps(f"test/{metric}") == [chosen]
-    assert [e.value for e in events.Scalars("validation/H")] == pytest.approx([r["best"]["H"] for r in records])
-    assert events.Scalars("test/H")[0].value == pytest.approx(summary["test"]["H"])
+    # percent, as the console prints them (the JSON files keep fractions); gamma as is
+    assert [e.value for e in events.Scalars("validation/H")] == pytest.approx([100 * r["best"]["H"] for r in records])
+    assert events.Scalars("test/H")[0].value == pytest.approx(100 * summary["test"]["H"])
     assert events.Scalars("test/gamma")[0].value == pytest.approx(summary["selection"]["gamma"])
     losses = [r["losses"]["loss"] for r in records]  # the mean of the interval before each evaluation
     assert [e.value for e in events.Scalars("validation_run/loss")][1::2] == pytest.approx(losses)

@@ -34,7 +34,7 @@ def test_train_writes_the_run_folder(paper_run):
     sel = summary["selection"]
     assert sel["mode"] == "val" and sel["iteration"] in (20, 40, 60)
     assert summary["test"]["iteration"] == sel["iteration"] and summary["test"]["gamma"] == sel["gamma"]
-    assert set(summary["paper_protocol"]) == {"best_H", "best_ZSL", "note"}
+    assert set(summary["paper_protocol"]) == {"best_H", "best_ZSL", "best_gamma_on_test", "note"}
     assert "TEST" in summary["paper_protocol"]["note"]
     assert {"validation (selected)", "test", "paper protocol: best H on test"} <= set(summary_rows(summary))
     curve = json.loads((out / "curve.json").read_text())

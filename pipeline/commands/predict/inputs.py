@@ -9,41 +9,14 @@ from pathlib import Path
 
 from cache.errors import UserError
 from cache.reader import FeatureCache
-from cache.store import resolve_cache, store_root
 from extract.backbone_weights import BackboneWeightsError, weights_sha256
 from extract.backbones import BackboneSpec, describe, resolve_weights
+from pipeline.run_cache import find_cache  # noqa: F401 (predict: --cache, else the run's, else by key)
 
 
 class PredictError(UserError, ValueError):
     """An image, checkpoint or cache that `msdn predict` cannot use; the message names it."""
 
-
-
-def find_cache(checkpoint: Path, ckpt: dict, cache: str | Path | None, cache_dir: str | None) -> Path:
-    """`cache` (a path or store key), else the cache recorded in the run's config.json next to the
-    checkpoint, else the store entry of the checkpoint's content key."""
-    if cache is not None:
-        return resolve_cache(cache, cache_dir)
-    config_file = checkpoint.parent / "config.json"
-    recorded = None
-    if config_file.is_file():
-        try:
-            recorded = json.loads(config_file.read_text())["run"]["cache"]
-        except (OSError, ValueError, KeyError, TypeError):
-            recorded = None
-    if recorded is not None and Path(recorded).is_file():
-        return Path(recorded)
-    key = ckpt["cache"]["content_key"]
-    if store_root(cache_dir) is not None and not key.startswith("data-sha256:"):
-        try:
-            return resolve_cache(key, cache_dir)
-        except UserError:
-            pass
-    where = (f"its run records {recorded}, which is not there" if recorded is not None else
-             "no run config.json next to it names one" if not config_file.is_file() else
-             f"{config_file} names no cache")
-    raise PredictError(f"{checkpoint}: cannot find the feature cache it was trained on ({where}; content key "
-                       f"{key[:16]}...); pass --cache PATH or a store KEY (with --cache-dir)")
 
 
 def describe_shape(manifest: dict) -> tuple[int, int, int]:
@@ -114,9 +87,16 @@ def check_preprocessing(spec: BackboneSpec, recorded: dict, cache_path: Path) ->
 
 
 def class_and_attribute_names(cache: FeatureCache) -> tuple[list[str], list[str]]:
-    """Names for display (the cache stores none): classes from xlsa17's allclasses_names or the image
-    folders (the one folder all images of a class lie in, "NNN." stripped); attributes from the
-    attribute_names/<DS>/ list next to the recorded word vectors. Fallbacks: "class i", "attribute i"."""
+    """Names for display: those the cache stores (extraction writes the adapter's names), else, for
+    caches from before that, classes from xlsa17's allclasses_names or the image folders (the one
+    folder all images of a class lie in, "NNN." stripped) and attributes from the attribute_names/<DS>/
+    list next to the recorded word vectors. Fallbacks: "class i", "attribute i"."""
+    classes, attributes = _derived_names(cache) if cache.class_names is None or cache.attribute_names is None \
+        else (None, None)
+    return [re.sub(r"^\d+\.", "", str(c)) for c in cache.class_names or classes], cache.attribute_names or attributes
+
+
+def _derived_names(cache: FeatureCache) -> tuple[list[str], list[str]]:
     num_classes, num_att = cache.att.shape
     manifest = (cache.manifest or {}).get("dataset", {})
     source = manifest.get("source", {}) or {}
@@ -130,7 +110,6 @@ def class_and_attribute_names(cache: FeatureCache) -> tuple[list[str], list[str]
             classes = None
     if classes is None:
         classes = _folder_names(cache, num_classes)
-    classes = [re.sub(r"^\d+\.", "", str(c)) for c in classes]
     attributes = None
     if source.get("w2v_att"):
         from extract.datasets.xlsa17_files import load_attribute_names
