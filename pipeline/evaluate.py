@@ -23,12 +23,12 @@ from pipeline.tasks import benchmark_task, usable_splits
 def evaluate(checkpoint: str | Path, cache_path: str | Path, *, out_dir: str | Path | None = None,
              device: str = "auto", gamma: float | None = None, amp: str | None = None,
              batch_size: int | None = None, overwrite: bool = False, max_memory: str | None = None,
-             log: Callable[[str], None] | None = None) -> dict:
+             trust_unverified: bool = False, log: Callable[[str], None] | None = None) -> dict:
     """ZSL, U/S/H at the checkpoint's gamma (or `gamma`), AUSUC, and the best-H point of the test
     curve. Refuses a cache whose content key or class split differs from the training cache.
     With `out_dir`, writes config.json, metrics.jsonl, summary.json and curve.json there."""
     checkpoint, cache_path, device = Path(checkpoint), Path(cache_path), resolve_device(device)
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = load_checkpoint(checkpoint, trust_unverified=trust_unverified)
     config = TrainConfig.from_dict(ckpt["config"], where=f"{checkpoint} (embedded config)")
     gamma = ckpt["gamma"] if gamma is None else float(gamma)
     amp = resolve_amp(amp or config.amp, device)

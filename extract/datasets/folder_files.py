@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cache.semantics import att_problem, unit_rows
+
 from .base import DatasetError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -19,6 +21,7 @@ IMAGE_SPLITS = ("train", "test")
 CLASSES, ATTRIBUTES, IMAGES = "classes.csv", "attributes.csv", "images.csv"
 VECTORS_CSV, VECTORS_NPY = "attribute_vectors.csv", "attribute_vectors.npy"
 LAYOUT = "DIR/images/<class>/<file>, DIR/classes.csv, DIR/attributes.csv"
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def _fail(path: Path, row: int | None, message: str) -> DatasetError:
@@ -223,11 +226,21 @@ def read_attributes(path: Path, class_names: list[str], class_rows: list[int],
         values = [_number(path, number, column, text) for column, text in zip(names, cells[1:])]
         if not any(values):
             raise _fail(path, number, f"every attribute of class {name!r} is 0 (the class would have no semantics)")
+        for column, value in zip(names, values):
+            if abs(value) > _FLOAT32_MAX:  # the cache stores float32: it would be inf
+                raise _fail(path, number, f"column {column!r}: {value:g} is beyond float32's range (+-{_FLOAT32_MAX:.3g}); "
+                                          "rescale the column")
         att[position[name]] = values
     for name, row in zip(class_names, class_rows):
         if name not in first:
             raise _fail(path, None, f"no row for class {name!r} ({CLASSES} row {row})")
-    return list(names), att.astype(np.float32)
+    att = att.astype(np.float32)
+    problem = att_problem(unit_rows(att))  # values of 1e-46 are 0 in float32: a row of them has no direction
+    if problem is not None:
+        c = problem[0]
+        raise _fail(path, first[class_names[c]], f"class {class_names[c]!r}: its attributes, stored as float32 and "
+                                                 f"L2-normalised, {problem[1]}")
+    return list(names), att
 
 
 def read_vectors(root: Path, attribute_names: list[str], tables: dict) -> tuple[np.ndarray, str] | None:

@@ -94,7 +94,7 @@ def pick_rows(task, labels: np.ndarray, count: int) -> np.ndarray:
 
 def visualize(checkpoint: str | Path, cache_path: str | Path, out_dir: str | Path, *, rows=None, images: int = 4,
               top_k: int = 3, tsne_images: int = 1000, image_root: str | Path | None = None,
-              device: str = "auto", log=print) -> list[Path]:
+              device: str = "auto", trust_unverified: bool = False, log=print) -> list[Path]:
     """Write the pictures for `checkpoint` (trained on `cache_path`) into out_dir; return the paths."""
     plt = _pyplot()
     out_dir, device = Path(out_dir), resolve_device(device)
@@ -103,7 +103,7 @@ def visualize(checkpoint: str | Path, cache_path: str | Path, out_dir: str | Pat
         if cache.image_paths is None:
             raise VisualizeError(f"{cache_path}: the cache records no image paths (a TransZero-written file?): "
                                  "attention pictures need the images")
-        head = load_trained(checkpoint, cache, device)
+        head = load_trained(checkpoint, cache, device, trust_unverified=trust_unverified)
         labels = np.asarray(cache.labels)
         extras = dataset_extras(cache, image_root)
         rows = pick_rows(head.task, labels, images) if rows is None else np.asarray(rows, dtype=np.int64)
@@ -131,12 +131,13 @@ def visualize(checkpoint: str | Path, cache_path: str | Path, out_dir: str | Pat
 def _attention_picture(plt, att, cache, extras, labels, size, out_dir) -> list[Path]:
     from PIL import Image
 
+    from extract.loader import UNREADABLE
     if extras["root"] is None:
         raise VisualizeError(f"{cache.path}: no image root in the manifest; pass --image-root")
     path = extras["root"] / cache.image_paths[att.row]
     try:
         image = Image.open(path).convert("RGB")
-    except OSError as err:
+    except UNREADABLE as err:
         raise VisualizeError(f"{path}: cannot read the image ({err}); pass --image-root if the images moved") from None
     heats = np.stack([heat_in_image(g, image.width, image.height, size) for g in att.grids])
     names = extras["attribute_names"]
