@@ -71,7 +71,7 @@ def load_folder(data_root: str | Path | None = None, root: str | Path | None = N
     folders = class_folders(root, class_names, class_rows)
     attribute_names, original_att = read_attributes(root / ATTRIBUTES, class_names, class_rows, tables)
     if (root / IMAGES).is_file():
-        image_paths, labels, is_train = read_images_csv(root, class_names, class_split, class_rows, tables)
+        image_paths, labels, is_train = read_images_csv(root, class_names, class_split, class_rows, tables, folders)
     else:
         image_paths, labels = scan_images(root, class_names, class_rows, folders)
         is_train = None
