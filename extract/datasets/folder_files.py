@@ -12,8 +12,6 @@ from pathlib import Path
 
 import numpy as np
 
-from cache.semantics import att_problem, unit_rows
-
 from .base import DatasetError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -254,11 +252,10 @@ def read_attributes(path: Path, class_names: list[str], class_rows: list[int],
         if name not in first:
             raise _fail(path, None, f"no row for class {name!r} ({CLASSES} row {row})")
     att = att.astype(np.float32)
-    problem = att_problem(unit_rows(att))  # values of 1e-46 are 0 in float32: a row of them has no direction
-    if problem is not None:
-        c = problem[0]
-        raise _fail(path, first[class_names[c]], f"class {class_names[c]!r}: its attributes, stored as float32 and "
-                                                 f"L2-normalised, {problem[1]}")
+    for c, name in enumerate(class_names):  # values below 1.4e-45 are 0 in float32: a row of them has no direction
+        if not att[c].any():
+            raise _fail(path, first[name], f"class {name!r}: every value rounds to 0 in float32 (magnitudes below "
+                                           "1.4e-45), so the class would have no semantics; rescale its row")
     return list(names), att
 
 
