@@ -212,7 +212,8 @@ def test_readable_photos_are_scored_and_each_bad_one_is_one_line(trained, tmp_pa
     broken, bomb, missing = tmp_path / "broken.jpg", write_png_bomb(tmp_path / "bomb.png"), tmp_path / "gone.jpg"
     broken.write_bytes(b"not a jpeg at all" * 10)
     good = trained["images"][:2]
-    alone = predictions(trained, *good)
+    alone = run("--checkpoint", trained["checkpoint"], "--device", "cpu", "--json", *good)
+    alone = [json.loads(line) for line in alone.stdout.splitlines() if line.startswith("{")]
     result = run("--checkpoint", trained["checkpoint"], "--device", "cpu", "--json", good[0], broken, bomb, missing,
                  good[1])
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
