@@ -14,6 +14,7 @@ at all) is one CheckpointError line naming the file.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -68,8 +69,17 @@ def save_checkpoint(path: str | Path, *, model: torch.nn.Module, config: dict, i
         "gamma": float(gamma), "iteration": int(iteration), "metrics": to_jsonable(metrics or {}),
     }
     payload["checksum"] = checkpoint_digest(payload)
+    # Serialised in memory, written by Python: a full disk is then an OSError naming the file (torch's
+    # own writer reports it as a RuntimeError from its C++ stream, a traceback), and no .tmp stays.
+    data = io.BytesIO()
+    torch.save(payload, data)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.getbuffer())
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise OSError(err.errno, err.strerror, str(path)) from None  # Python's write error names no file
     os.replace(tmp, path)
     return path
 
