@@ -34,3 +34,14 @@ def pytest_terminal_summary(terminalreporter):
         others = sorted(case for case, verdict in VERDICTS.items() if verdict != "one-line")
         if others:
             terminalreporter.write_line("not one line: " + ", ".join(f"{c} ({VERDICTS[c]})" for c in others))
+
+
+def pytest_runtest_logreport(report):
+    """Faults another module repeats (tests/fixtures/faults.py references their tests): count their outcome."""
+    if report.when != "call":
+        return
+    from tests.fixtures.faults import FAULT_SUITE, FAULTS
+    from tests.fixtures.verdicts import record
+    for fault in FAULTS:
+        if fault.test == report.nodeid and not fault.test.startswith(FAULT_SUITE):
+            record(f"fault:{fault.id}", "one-line" if report.passed else "other")
