@@ -44,19 +44,8 @@ def parse_max_memory(text: str | None) -> int | None:
 
 def machine_memory() -> int:
     """MemTotal, or less when a cgroup (v2) limit is lower: the most a --max-memory can mean."""
-    total = 1 << 62
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                total = int(line.split()[1]) << 10
-    except OSError:
-        pass
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        total = total if limit == "max" else min(total, int(limit))
-    except (OSError, ValueError):
-        pass
-    return total
+    total, cgroup = _meminfo("MemTotal") or 1 << 62, _cgroup_memory()
+    return total if cgroup is None else min(total, cgroup[0])
 
 
 def process_rss() -> int:
@@ -69,22 +58,33 @@ def process_rss() -> int:
 
 def available_memory() -> int:
     """MemAvailable, or less when a cgroup (v2) limit leaves less."""
-    available = None
+    available, cgroup = _meminfo("MemAvailable"), _cgroup_memory()
+    if cgroup is not None:
+        room = max(0, cgroup[0] - cgroup[1])
+        available = room if available is None else min(available, room)
+    return available if available is not None else 1 << 62
+
+
+def _meminfo(field: str) -> int | None:
+    """A /proc/meminfo figure in bytes (None where there is none)."""
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                available = int(line.split()[1]) << 10
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) << 10
     except OSError:
         pass
+    return None
+
+
+def _cgroup_memory() -> tuple[int, int] | None:
+    """(memory.max, memory.current) of this process's cgroup (v2); None without a limit."""
     try:
         limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit != "max":
-            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
-            room = max(0, int(limit) - used)
-            available = room if available is None else min(available, room)
+        if limit == "max":
+            return None
+        return int(limit), int(Path("/sys/fs/cgroup/memory.current").read_text())
     except (OSError, ValueError):
-        pass
-    return available if available is not None else 1 << 62
+        return None
 
 
 def working_bytes(cache, num_attributes: int, batch_size: int) -> int:

@@ -4,7 +4,6 @@ config.json also records what produced the run (its "environment": versions, pla
 pipeline/provenance.py)."""
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
@@ -15,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from cache.errors import UserError
-from cache.locks import lock_exclusive
+from cache.locks import BUSY, try_lock
 from pipeline.metrics import SCORES_AND_GAMMA
 
 
@@ -69,17 +68,12 @@ class RunLog:
 
     def _hold(self) -> None:
         fd = os.open(self.dir, os.O_RDONLY)
-        try:
-            lock_exclusive(fd)
-        except BlockingIOError:
-            os.close(fd)
+        why = try_lock(fd)
+        if why == BUSY:
             raise RunFolderError(f"{self.dir}: another process is writing a run into it; wait for it to finish or "
-                                 "choose another --out") from None
-        except OSError as err:  # a filesystem without locks: nothing to hold, as before
-            if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
-                os.close(fd)
-                raise
-        weakref.finalize(self, os.close, fd)
+                                 "choose another --out")
+        if why is None:  # held until this RunLog is gone; else no locks on this filesystem: as before
+            weakref.finalize(self, os.close, fd)
 
     def write_config(self, config: dict) -> Path:
         """config.json: the run's settings plus "environment" (pipeline/provenance.py)."""
