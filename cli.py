@@ -186,6 +186,9 @@ def extract(dataset, out, data_root, xlsa17_root, w2v_root, w2v, backbone, image
 
 
 # ----------------------------------------------------------------------------- stage 2: train / evaluate
+_TRUST_UNVERIFIED_OPTION = click.option(
+    "--trust-unverified", is_flag=True,
+    help="Load a checkpoint that has no checksum (written by an older version): edits or damage go undetected.")
 _MAX_MEMORY_OPTION = click.option(
     "--max-memory", default="auto", show_default=True, metavar="SIZE",
     help="Memory the run may use, e.g. 6G: a feature bank that does not fit is streamed from the cache file.")
@@ -238,7 +241,9 @@ def train(recipe, cache_path, cache_dir, out_dir, overrides, device, determinist
 @click.option("--overwrite", is_flag=True, help="Reuse an --out folder that already holds a run.")
 @_MAX_MEMORY_OPTION
 @QUIET
-def evaluate(checkpoint, cache_path, cache_dir, out_dir, gamma, device, overwrite, max_memory, quiet):
+@_TRUST_UNVERIFIED_OPTION
+def evaluate(checkpoint, cache_path, cache_dir, out_dir, gamma, device, overwrite, max_memory, quiet,
+             trust_unverified):
     """Evaluate a checkpoint on the test split of its cache (ZSL, GZSL U/S/H, AUSUC)."""
     from pipeline.commands.cache import resolve_cache
     from pipeline.evaluate import evaluate as run_evaluation
@@ -247,7 +252,8 @@ def evaluate(checkpoint, cache_path, cache_dir, out_dir, gamma, device, overwrit
 
     cache = resolve_cache(cache_path, cache_dir) if cache_path is not None else None  # None: the run's
     summary = run_evaluation(checkpoint, cache, cache_dir=cache_dir, out_dir=out_dir, device=device,
-                             gamma=gamma, overwrite=overwrite, max_memory=max_memory, log=_stderr(quiet))
+                             gamma=gamma, overwrite=overwrite, max_memory=max_memory, trust_unverified=trust_unverified,
+                             log=_stderr(quiet))
     click.echo(format_table(evaluation_rows(summary)))
 
 
@@ -268,8 +274,9 @@ def evaluate(checkpoint, cache_path, cache_dir, out_dir, gamma, device, overwrit
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image (one per line).")
 @click.option("--device", default="auto", show_default=True, callback=_device, help=DEVICE_HELP)
 @QUIET
+@_TRUST_UNVERIFIED_OPTION
 def predict(checkpoint, images, cache_path, cache_dir, weights, all_classes, top_k, num_attributes, as_json, device,
-            quiet):
+            quiet, trust_unverified):
     """Classify photos with a trained checkpoint: top classes and the attributes behind the decision."""
     import json
 
@@ -278,12 +285,17 @@ def predict(checkpoint, images, cache_path, cache_dir, weights, all_classes, top
 
     results = run_prediction(checkpoint, list(images), cache=cache_path, cache_dir=cache_dir, weights=weights,
                              device=device, top_k=top_k, all_classes=all_classes, num_attributes=num_attributes,
-                             log=_stderr(quiet))
+                             trust_unverified=trust_unverified, log=_stderr(quiet))
     if as_json:
         for result in results:
             click.echo(json.dumps(result))
     else:
         click.echo(format_results(results))
+    failed = [result["error"] for result in results if "error" in result]
+    for error in failed:  # after the others' scores, one line each, then exit 1
+        click.echo(f"Error: {error}", err=True)
+    if failed:
+        sys.exit(1)
 
 @main.command()
 @click.option("--cache", "cache_path", required=True, help="Feature cache: a .h5 file or a store key.")
@@ -574,15 +586,18 @@ def report(paths, out_dir, no_published):
               help="Image folder, if the images moved since extraction.")
 @click.option("--device", default="auto", show_default=True, callback=_device, help=DEVICE_HELP)
 @QUIET
+@_TRUST_UNVERIFIED_OPTION
 def visualize(run_dir, checkpoint, cache_path, cache_dir, out_dir, images, rows, top_k, tsne_images, image_root, device,
-              quiet):  # no progress output: --quiet is accepted
+              quiet, trust_unverified):  # no progress output: --quiet is accepted
     """PNG pictures: attention of top attributes over images, seen-unseen curve, t-SNE of features."""
     from pipeline.commands.visualize import resolve_inputs
     from pipeline.commands.visualize import visualize as draw
 
-    checkpoint, cache_path, out_dir = resolve_inputs(run_dir, checkpoint, cache_path, out_dir, cache_dir)
+    checkpoint, cache_path, out_dir = resolve_inputs(run_dir, checkpoint, cache_path, out_dir, cache_dir,
+                                                     trust_unverified)
     draw(checkpoint, cache_path, out_dir, rows=_csv(rows, int, "--rows", minimum=0), images=images,
-         top_k=top_k, tsne_images=tsne_images, image_root=image_root, device=device, log=click.echo)
+         top_k=top_k, tsne_images=tsne_images, image_root=image_root, device=device,
+         trust_unverified=trust_unverified, log=click.echo)
 
 
 if __name__ == "__main__":

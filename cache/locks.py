@@ -21,6 +21,27 @@ def lock_exclusive(fd: int) -> None:
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
+BUSY = "held by another process"
+_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)  # a filesystem (or platform) without flock
+
+
+def try_lock(fd: int) -> str | None:
+    """lock_exclusive, answered: None when `fd` holds the lock now, BUSY when another process holds
+    it, or why there are no locks here (the filesystem's reason); any other OSError is raised. Unless
+    it holds the lock, `fd` is closed."""
+    try:
+        lock_exclusive(fd)
+        return None
+    except BlockingIOError:
+        os.close(fd)
+        return BUSY
+    except OSError as err:
+        os.close(fd)
+        if err.errno not in _NO_LOCKS:
+            raise
+        return err.strerror or "no file locks"
+
+
 def same_file(fd: int, path: Path) -> bool:
     """Whether the open descriptor is still the file at `path` (its holder may have removed it
     between our open and our lock)."""

@@ -15,6 +15,7 @@ import torch
 
 from cache import layout as L
 from cache.errors import UserError
+from cache.semantics import att_problem, w2v_problem
 
 _CHUNK_BYTES = 64 << 20  # rows read per h5py call: ~64 MiB of stored data
 
@@ -85,6 +86,12 @@ class FeatureCache:
         self.w2v_att = self._float_matrix(L.W2V) if L.W2V in f else None
         if self.w2v_att is not None and self.w2v_att.shape[0] != num_att:
             raise CacheError(f"{self.path}: {L.W2V} has shape {self.w2v_att.shape}, expected ({num_att}, D)")
+        # as the heads will use them (cache/semantics.py): else a class scores 0 without a word
+        for key, problem in ((L.ATT, att_problem(self.att)), (L.W2V, w2v_problem(self.w2v_att))):
+            if problem is not None:
+                what = "class" if key == L.ATT else "attribute"
+                raise CacheError(f"{self.path}: {key} row {problem[0]} ({what} {problem[0]}) {problem[1]}; "
+                                 "extract the cache again from fixed inputs")
         self.done = self._mask(L.DONE, n, default=True)       # TransZero files: every row is done
         self.skipped = self._mask(L.SKIPPED, n, default=False)
         self.image_paths = [p.decode() if isinstance(p, bytes) else str(p) for p in f[L.IMAGE_PATHS][:]] \

@@ -140,17 +140,22 @@ def _copy_file(source, key: str, name: str, meta: dict, part, log) -> None:
     out, have = part.open_append(have)
     if have:
         log(f"resuming {name} at {have} of {meta['bytes']} bytes")
-    with source.open_entry_file(key, name) as src, out:
-        src.seek(have)
-        while have < meta["bytes"]:
-            data = src.read(min(block, meta["bytes"] - have))
-            if not data:
-                raise TransferError(f"{name}: source ended at {have} of {meta['bytes']} bytes")
-            out.write(data)
-            out.flush()
-            have += len(data)
-            if throttle:
-                time.sleep(throttle)
+    try:
+        with source.open_entry_file(key, name) as src, out:
+            src.seek(have)
+            while have < meta["bytes"]:
+                data = src.read(min(block, meta["bytes"] - have))
+                if not data:
+                    raise TransferError(f"{name}: source ended at {have} of {meta['bytes']} bytes")
+                out.write(data)
+                out.flush()
+                have += len(data)
+                if throttle:
+                    time.sleep(throttle)
+    except OSError as err:  # a full disk: name the partial copy, which the rerun resumes from
+        if err.filename is not None or not err.errno:
+            raise
+        raise OSError(err.errno, err.strerror, str(getattr(part, "path", name))) from None
     crc = part.crc()
     if crc != meta["crc32"]:
         part.reset()

@@ -8,8 +8,8 @@
    checksums; a missing shard is named (HDF5 would silently read zeros).
 Files without `row_crc32` (TransZero's, older ones) can only be read through: "readable, no checksums".
 Before the rows, the file is opened as training opens it (cache/reader.py: keys, shapes, labels within
-`att`'s classes, disjoint seen and unseen classes); a file training would refuse is "unusable", in one
-line. A store entry whose record is damaged or names files the store never writes is "damaged", in
+`att`'s classes, disjoint seen and unseen classes, `att` and `w2v_att` rows the heads can normalise:
+cache/semantics.py); a file training would refuse is "unusable", in one line. A store entry whose record is damaged or names files the store never writes is "damaged", in
 one line, and none of its files is opened (cache/record.py).
 
 Verdicts and exit codes: ok 0, corrupt 1, damaged 1, unusable 1, no-checksums 3, incomplete 4 (rows

@@ -48,7 +48,7 @@ from cache.layout import (
     is_writer_flag_error,
     row_crc32,
 )
-from cache.locks import lock_exclusive, lock_holder, same_file
+from cache.locks import BUSY, lock_holder, same_file, try_lock
 
 
 class ExtractError(UserError, RuntimeError):
@@ -166,18 +166,13 @@ def _take_lock(out: Path, path: Path, log) -> int | None:
             if err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
                 raise
             return None
-        try:
-            lock_exclusive(fd)
-        except BlockingIOError:
-            os.close(fd)
+        why = try_lock(fd)  # closes fd unless it holds the lock
+        if why == BUSY:
             raise ExtractError(f"{out}: another process is writing it ({lock_holder(path)}, holding {path.name}); wait "
-                               "for it to finish, or stop it and rerun with --resume") from None
-        except OSError as err:
-            os.close(fd)
-            if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
-                raise
+                               "for it to finish, or stop it and rerun with --resume")
+        if why is not None:
             if log:
-                log(f"warning: {path.parent}: no file locks here ({err.strerror}); nothing stops "
+                log(f"warning: {path.parent}: no file locks here ({why}); nothing stops "
                     f"a second extraction of {out.name} from writing at the same time")
             return None
         if same_file(fd, path):  # else the holder removed it between our open and our lock: again

@@ -22,6 +22,13 @@ CPU_CORES_PER_WORKER = 8
 CUDA_MAX_WORKERS = 16
 
 
+# What PIL raises for a file that is not a decodable image. SyntaxError: PIL's parsers raise it for
+# some malformed headers. DecompressionBombError: a header declaring more than 2 x
+# Image.MAX_IMAGE_PIXELS (a 60000 x 60000 PNG of 437 KB would decode to 3.6 GB), refused before any
+# pixel is decoded.
+UNREADABLE = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
 class ImageRows(Dataset):
     """Item k = (row, image tensor, error) for rows[k]; error is "" when the image decoded."""
 
@@ -43,8 +50,7 @@ class ImageRows(Dataset):
                 image.load()  # decode fully here: a truncated file must fail now, not half-decoded
                 tensor = self.transform(image)
             return row, tensor, ""
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
-            # SyntaxError: PIL's parsers raise it for some malformed headers.
+        except UNREADABLE as err:
             blank = torch.zeros(3, self.image_size, self.image_size)
             return row, blank, f"{type(err).__name__}: {err}"
 

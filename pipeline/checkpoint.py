@@ -3,13 +3,18 @@ to the cache they were trained on by its content key and class split, written at
 
 Each checkpoint carries `checksum`: sha256 over its fields (config, cache identity, gamma, iteration,
 metrics, as canonical JSON) and its weights (every tensor's name, dtype, shape and bytes, by sorted
-name), checked on load, so a flipped byte is refused instead of evaluated. Checkpoints written before
-the checksum existed still load, with a warning. Every malformed checkpoint (damaged, crafted, a
-pickle that would run code, not a checkpoint at all) is one CheckpointError line naming the file.
+name), checked on load, so a flipped byte is refused instead of evaluated. A checkpoint without one
+(written before the checksum existed, or with the field removed) is refused unless the caller trusts
+it explicitly (`--trust-unverified`), and then loads with a warning. Whatever its age, every field the
+code uses is checked (types; class indices within the classes; the weights' names, shapes and dtypes
+against the model the cache builds; finite weights; the class-index buffers equal to the cache's
+split). Every malformed checkpoint (damaged, crafted, a pickle that would run code, not a checkpoint
+at all) is one CheckpointError line naming the file.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -64,8 +69,17 @@ def save_checkpoint(path: str | Path, *, model: torch.nn.Module, config: dict, i
         "gamma": float(gamma), "iteration": int(iteration), "metrics": to_jsonable(metrics or {}),
     }
     payload["checksum"] = checkpoint_digest(payload)
+    # Serialised in memory, written by Python: a full disk is then an OSError naming the file (torch's
+    # own writer reports it as a RuntimeError from its C++ stream, a traceback), and no .tmp stays.
+    data = io.BytesIO()
+    torch.save(payload, data)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.getbuffer())
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise OSError(err.errno, err.strerror, str(path)) from None  # Python's write error names no file
     os.replace(tmp, path)
     return path
 
@@ -82,9 +96,9 @@ def checkpoint_digest(payload: dict) -> str:
     return CHECKSUM_PREFIX + h.hexdigest()
 
 
-def load_checkpoint(path: str | Path, warn=None) -> dict:
-    """The checkpoint at `path`, checked (format, fields, checksum); CheckpointError otherwise.
-    `warn` (default: stderr) hears about a checkpoint without a checksum."""
+def load_checkpoint(path: str | Path, warn=None, *, trust_unverified: bool = False) -> dict:
+    """The checkpoint at `path`, checked (format, fields, checksum); CheckpointError otherwise. One
+    without a checksum is refused unless `trust_unverified`, when `warn` (default: stderr) hears of it."""
     path = Path(path)
     warn = warn or (lambda msg: print(msg, file=sys.stderr))
     if not path.is_file():
@@ -104,9 +118,12 @@ def load_checkpoint(path: str | Path, warn=None) -> dict:
         digest = checkpoint_digest(payload)
     except (TypeError, ValueError) as err:  # e.g. a crafted config holding a tensor
         raise CheckpointError(f"{path}: malformed checkpoint: {_first_line(str(err))}") from None
+    if checksum is None and not trust_unverified:
+        raise CheckpointError(f"{path}: has no checksum (written by an older version, or the field was removed), "
+                              "so damage or edits cannot be detected; pass --trust-unverified to load it anyway")
     if checksum is None:
-        warn(f"warning: {path}: written without a checksum (by an older version), so damage to its weights "
-             "cannot be detected; loading it anyway")
+        warn(f"warning: {path}: written without a checksum (by an older version, or the field was removed), so "
+             "damage to its weights cannot be detected; loading it anyway (--trust-unverified)")
     elif checksum != digest:
         raise CheckpointError(f"{path}: its contents do not match its checksum (damaged or edited file); "
                               "do not use it: train again or restore it from a copy")
@@ -129,6 +146,14 @@ def load_weights(model: torch.nn.Module, checkpoint: dict, path) -> None:
         if tuple(theirs[name].shape) != tuple(tensor.shape):
             raise CheckpointError(f"{path}: weight {name} has shape {tuple(theirs[name].shape)}, the model built "
                                   f"from its config and cache needs {tuple(tensor.shape)}")
+        if theirs[name].dtype != tensor.dtype:  # load_state_dict would cast it without a word
+            raise CheckpointError(f"{path}: weight {name} has dtype {theirs[name].dtype}, the model needs {tensor.dtype}")
+        if tensor.is_floating_point() and not bool(torch.isfinite(theirs[name]).all()):
+            raise CheckpointError(f"{path}: weight {name} holds NaN or inf (a diverged or damaged checkpoint)")
+    for name in ("seen_classes", "unseen_classes"):  # class indices: the cache's split, not the file's word
+        if name in mine and not torch.equal(theirs[name], mine[name]):
+            raise CheckpointError(f"{path}: its {name} {_short(theirs[name].tolist())} are not the cache's "
+                                  f"{_short(mine[name].tolist())} (edited or damaged checkpoint)")
     try:
         model.load_state_dict(theirs)
     except RuntimeError as err:  # e.g. a dtype torch cannot copy
@@ -158,6 +183,13 @@ def _check_fields(payload: dict, path: Path) -> None:
             ok = all(_is_int(x) for x in value)
         if not ok:
             bad(f"cache identity lacks '{key}'" if key not in cache else f"cache identity '{key}' has the wrong type")
+    classes = cache["num_classes"]
+    if classes < 1 or len(cache["feature_shape"]) != 3 or min(cache["feature_shape"]) < 1:
+        bad(f"cache identity: {classes} classes, feature shape {cache['feature_shape']}")
+    for key in ("seen_classes", "unseen_classes"):
+        outside = [c for c in cache[key] if not 0 <= c < classes]
+        if outside:
+            bad(f"cache identity '{key}' holds class {outside[0]}, outside the {classes} classes")
     gamma = payload.get("gamma")
     if not isinstance(gamma, (int, float)) or isinstance(gamma, bool) or not math.isfinite(gamma):
         bad("'gamma' must be a finite number")

@@ -18,6 +18,7 @@ AFTER_FAULT = {
     "baseline": "no result was recorded (no summary.json); rerun once fixed (--overwrite reuses the run folder)",
     "demo": "rerun `msdn demo` once fixed: it reuses the rendered images and continues the feature cache",
     "ablate": "finished cells are kept; rerun the same command once fixed to go on",
+    "cache": "rerun once fixed (nothing half-copied is published; a push or pull resumes its partial copy)",
 }
 
 

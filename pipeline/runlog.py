@@ -7,12 +7,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import weakref
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from cache.errors import UserError
+from cache.locks import BUSY, try_lock
 from pipeline.metrics import SCORES_AND_GAMMA
 
 
@@ -46,16 +48,32 @@ def write_json_atomic(path: Path, obj) -> Path:
 
 
 class RunLog:
+    """A run folder, held by this process (flock on the folder itself, released when the RunLog is
+    gone or the process ends, however it ends) so that a second command writing the same --out is
+    refused in one line instead of interleaving its files with the first's."""
+
     def __init__(self, out_dir: str | Path, *, overwrite: bool = False):
         self.dir = Path(out_dir)
-        if (self.dir / "config.json").exists() and not overwrite:
-            raise RunFolderError(f"{self.dir}: already holds a run (config.json); choose another --out "
-                                 "or pass --overwrite")
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._hold()  # first: a run in progress is "being written", not "unfinished"
+        if (self.dir / "config.json").exists() and not overwrite:
+            finished = (self.dir / "summary.json").exists()
+            raise RunFolderError(f"{self.dir}: already holds a" + (" run (config.json)" if finished else
+                                 "n unfinished run (config.json, no summary.json: stopped, killed or failed)")
+                                 + "; choose another --out or pass --overwrite" + ("" if finished else " to start again"))
         # a run that fails must not leave an earlier run's result beside its own config.json
         (self.dir / "summary.json").unlink(missing_ok=True)
         self.metrics_path = self.dir / "metrics.jsonl"
         self.metrics_path.write_text("")
+
+    def _hold(self) -> None:
+        fd = os.open(self.dir, os.O_RDONLY)
+        why = try_lock(fd)
+        if why == BUSY:
+            raise RunFolderError(f"{self.dir}: another process is writing a run into it; wait for it to finish or "
+                                 "choose another --out")
+        if why is None:  # held until this RunLog is gone; else no locks on this filesystem: as before
+            weakref.finalize(self, os.close, fd)
 
     def write_config(self, config: dict) -> Path:
         """config.json: the run's settings plus "environment" (pipeline/provenance.py)."""

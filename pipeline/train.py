@@ -30,7 +30,7 @@ from pipeline.checkpoint import cache_identity, save_checkpoint
 from pipeline.config import TrainConfig
 from pipeline.engine import DivergedError, build_model, deterministic_mode, evaluate_task, fit
 from pipeline.features import bank_dtype
-from pipeline.memory import describe_plan, open_features
+from pipeline.memory import describe_plan, memory_plan, open_store
 from pipeline.metrics import scores_of
 from pipeline.precision import choose_amp
 from pipeline.runlog import RunLog, write_json_atomic
@@ -71,12 +71,14 @@ def train(config: TrainConfig, cache_path: str | Path, out_dir: str | Path, *, d
         except ValueError as err:
             raise CacheError(f"{cache_path}: {err} (or train with --set selection=fixed)") from None
         identity = cache_identity(cache)
-        run = RunLog(out_dir, overwrite=overwrite)
         rows = np.concatenate([test.train_rows, test.eval_seen_rows, test.eval_unseen_rows])
+        dtype = bank_dtype(config.feature_dtype, amp)
+        plan = memory_plan(cache, rows, device, dtype, max_memory=max_memory, batch_size=config.batch_size,
+                           eval_batch_size=config.eval_batch_size, num_attributes=int(cache.att.shape[1]))
+        run = RunLog(out_dir, overwrite=overwrite)  # after every refusal: --overwrite keeps the old run till then
         try:
-            store, plan = open_features(cache, rows, device, bank_dtype(config.feature_dtype, amp),
-                                        max_memory=max_memory, batch_size=config.batch_size,
-                                        eval_batch_size=config.eval_batch_size, num_attributes=int(cache.att.shape[1]))
+            store = open_store(cache, rows, device, dtype, plan, batch_size=config.batch_size,
+                               eval_batch_size=config.eval_batch_size)
         except CacheError as err:  # NaN/inf rows: refused before training, recorded as a failed run
             run.log({"phase": "failed", "error": str(err)})
             raise

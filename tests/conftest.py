@@ -23,3 +23,25 @@ def shared_data():
         if os.environ.get("CI") == "true":
             pytest.fail(str(err))
         pytest.skip(f"needs the real test data: {err}")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The counts of the bad-input tables and the fault suite (tests/fixtures/verdicts.py), when they ran."""
+    from tests.fixtures.verdicts import VERDICTS, summary
+    line = summary()
+    if line is not None:
+        terminalreporter.write_sep("-", line)
+        others = sorted(case for case, verdict in VERDICTS.items() if verdict != "one-line")
+        if others:
+            terminalreporter.write_line("not one line: " + ", ".join(f"{c} ({VERDICTS[c]})" for c in others))
+
+
+def pytest_runtest_logreport(report):
+    """Faults another module repeats (tests/fixtures/faults.py references their tests): count their outcome."""
+    if report.when != "call":
+        return
+    from tests.fixtures.faults import FAULT_SUITE, FAULTS
+    from tests.fixtures.verdicts import record
+    for fault in FAULTS:
+        if fault.test == report.nodeid and not fault.test.startswith(FAULT_SUITE):
+            record(f"fault:{fault.id}", "one-line" if report.passed else "other")

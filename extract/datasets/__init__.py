@@ -33,6 +33,17 @@ W2V_CHOICES = ("auto", "none")
 W2V_NONE_NOTE = "none (--w2v none): no word vectors stored; training learns the attribute embeddings from a random init"
 
 
+# Options of `msdn extract` that a dataset has no use for, and where that dataset takes the same from.
+UNUSED_HINTS = {("folder", "w2v_root"): "its word vectors are attribute_vectors.csv or .npy in --data-root",
+                ("folder", "xlsa17_root"): "its splits are classes.csv and images.csv in --data-root"}
+CLI_OPTIONS = ("data_root", "xlsa17_root", "w2v_root", "w2v")  # the dataset options `msdn extract` has
+
+
+def _option(key: str) -> str:
+    """How a user passed `key`: --w2v-root on the command line, else the keyword."""
+    return "--" + key.replace("_", "-") if key in CLI_OPTIONS else f"{key}="
+
+
 def valid_options(name: str) -> list[str]:
     factory = DATASETS[canonical_name(name)]
     params = [p for p in inspect.signature(factory).parameters.values()
@@ -63,7 +74,8 @@ def build_dataset(name: str, **options) -> ImageDataset:
     options = {OPTION_ALIASES.get(k, k): v for k, v in options.items() if v is not None}
     unknown = sorted(set(options) - set(valid_options(name)))
     if unknown:
-        raise DatasetError(f"{name}: unknown options {unknown}; valid: {', '.join(valid_options(name))}")
+        raise DatasetError(f"--dataset {name}: {', '.join(map(_option, unknown))} does not apply to it "
+                           f"({UNUSED_HINTS.get((name, unknown[0]), 'it takes ' + ', '.join(map(_option, valid_options(name))))})")
     w2v = options.get("w2v", "auto")
     if w2v not in W2V_CHOICES:
         raise DatasetError(f"{name}: w2v {w2v!r}: expected one of {', '.join(W2V_CHOICES)}")

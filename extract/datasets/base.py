@@ -15,6 +15,7 @@ import numpy as np
 
 from cache.errors import UserError
 from cache.layout import REQUIRED_SPLITS
+from cache.semantics import att_problem, w2v_problem
 
 
 class DatasetError(UserError, ValueError):
@@ -64,8 +65,15 @@ class ImageDataset:
         a = self.att.shape[1]
         if self.w2v_att is not None and (self.w2v_att.ndim != 2 or self.w2v_att.shape[0] != a):
             raise DatasetError(f"{where}: word vectors have shape {self.w2v_att.shape}, expected ({a}, D) for {a} attributes")
+        problem = att_problem(self.att)
+        if problem is not None:  # refused before hours of extraction; the reader would refuse the cache
+            raise DatasetError(f"{where}: att row {problem[0]} (class {self.class_names[problem[0]]!r}) {problem[1]}")
         if self.attribute_names is not None and len(self.attribute_names) != a:
             raise DatasetError(f"{where}: {len(self.attribute_names)} attribute names for {a} attributes")
+        problem = w2v_problem(self.w2v_att)
+        if problem is not None:
+            name = self.attribute_names[problem[0]] if self.attribute_names else problem[0]
+            raise DatasetError(f"{where}: word vector row {problem[0]} (attribute {name!r}) {problem[1]}")
         if self.boxes is not None and self.boxes.shape != (n, 4):
             raise DatasetError(f"{where}: boxes shape {self.boxes.shape}, expected ({n}, 4)")
         for key in REQUIRED_SPLITS:

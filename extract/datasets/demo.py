@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from cache.layout import make_validation_split
+from cache.semantics import unit_rows
 
 from .base import DatasetError, ImageDataset
 from .demo_render import COLOURS, PATTERNS, SHAPES, SIZES, render_image
@@ -150,7 +151,7 @@ def load_demo(root: str | Path, seed: int = 0, **options) -> ImageDataset:
     index = _read_index(root)
     classes = [tuple(c) for c in index["class_attributes"]]
     binary = class_attributes(classes)
-    att = binary / np.linalg.norm(binary, axis=1, keepdims=True)  # xlsa17 convention: L2-normalised per class
+    att = unit_rows(binary)  # xlsa17 convention: L2-normalised per class
     return ImageDataset(
         name="demo", root=root, image_paths=index["image_paths"], labels=np.array(index["labels"]),
         class_names=index["class_names"], att=att, original_att=binary,

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from cache.layout import make_validation_split
+from cache.semantics import unit_rows
 
 from .base import DatasetError, ImageDataset
 from .folder_files import (
@@ -70,7 +71,7 @@ def load_folder(data_root: str | Path | None = None, root: str | Path | None = N
     folders = class_folders(root, class_names, class_rows)
     attribute_names, original_att = read_attributes(root / ATTRIBUTES, class_names, class_rows, tables)
     if (root / IMAGES).is_file():
-        image_paths, labels, is_train = read_images_csv(root, class_names, class_split, class_rows, tables)
+        image_paths, labels, is_train = read_images_csv(root, class_names, class_split, class_rows, tables, folders)
     else:
         image_paths, labels = scan_images(root, class_names, class_rows, folders)
         is_train = None
@@ -107,7 +108,6 @@ def load_folder(data_root: str | Path | None = None, root: str | Path | None = N
         found = read_vectors(root, attribute_names, tables)
         if found is not None:
             w2v_att, w2v_source = found
-    norms = np.linalg.norm(original_att, axis=1, keepdims=True)
     splits = {"trainval_loc": trainval, "test_seen_loc": test_seen, "test_unseen_loc": rows_of_classes(labels, unseen),
               "train_loc": np.sort(train), "val_loc": np.sort(val)}
     source = {"adapter": "folder", "root": str(root), "tables": sorted(tables),
@@ -117,6 +117,6 @@ def load_folder(data_root: str | Path | None = None, root: str | Path | None = N
               "val_fraction": None if val_classes else val_fraction,
               "att": f"{ATTRIBUTES} rows L2-normalised per class (original_att: as written)"}
     return ImageDataset(name=name, root=root / "images", image_paths=image_paths, labels=labels,
-                        class_names=class_names, att=original_att / norms, original_att=original_att,
+                        class_names=class_names, att=unit_rows(original_att), original_att=original_att,
                         w2v_att=w2v_att, splits=splits, attribute_names=attribute_names, source=source,
                         tables=tables)

@@ -7,6 +7,7 @@ import csv
 import hashlib
 import math
 import posixpath
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ IMAGE_SPLITS = ("train", "test")
 CLASSES, ATTRIBUTES, IMAGES = "classes.csv", "attributes.csv", "images.csv"
 VECTORS_CSV, VECTORS_NPY = "attribute_vectors.csv", "attribute_vectors.npy"
 LAYOUT = "DIR/images/<class>/<file>, DIR/classes.csv, DIR/attributes.csv"
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def _fail(path: Path, row: int | None, message: str) -> DatasetError:
@@ -39,7 +41,7 @@ def _read_csv(path: Path, tables: dict, required: bool = True) -> list[tuple[int
     except UnicodeDecodeError as err:
         raise _fail(path, _text_row(data, err.start), "not UTF-8 text (save the table as CSV UTF-8)") from None
     try:
-        rows = [(number, [cell.strip() for cell in cells])
+        rows = [(number, [same_name(cell) for cell in cells])
                 for number, cells in enumerate(csv.reader(text.splitlines()), start=1)]
     except csv.Error as err:
         raise _fail(path, None, f"not a CSV file ({err})") from None
@@ -47,6 +49,12 @@ def _read_csv(path: Path, tables: dict, required: bool = True) -> list[tuple[int
     if not rows:
         raise _fail(path, None, "file is empty")
     return rows
+
+
+def same_name(text: str) -> str:
+    """A name as tables and folders are compared: Unicode NFC (macOS writes folder names decomposed,
+    spreadsheets composed), without leading or trailing spaces."""
+    return unicodedata.normalize("NFC", text).strip()
 
 
 def _text_row(data: bytes, offset: int) -> int:
@@ -104,13 +112,21 @@ def class_folders(root: Path, class_names: list[str], class_rows: list[int]) -> 
     images = root / "images"
     if not images.is_dir():
         raise DatasetError(f"{images}: folder not found (the folder dataset needs {LAYOUT})")
-    present = {p.name: p for p in images.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    present = {}
+    for folder in sorted(images.iterdir()):
+        if folder.is_dir() and not folder.name.startswith("."):
+            name = same_name(folder.name)
+            if name in present:
+                raise DatasetError(f"{folder}: folders {present[name].name!r} and {folder.name!r} are the same class "
+                                   f"name {name!r} once compared (Unicode NFC, spaces stripped); keep one")
+            present[name] = folder
     for name, row in zip(class_names, class_rows):
         if name not in present:
-            raise _fail(root / CLASSES, row, f"class {name!r} has no images folder {images / name}")
+            raise _fail(root / CLASSES, row, f"class {name!r} has no images folder {images / name} (names compared "
+                                             "after Unicode NFC normalisation, leading/trailing spaces stripped)")
     extra = sorted(set(present) - set(class_names))
     if extra:
-        raise DatasetError(f"{images / extra[0]}: folder has no row in {root / CLASSES}"
+        raise DatasetError(f"{present[extra[0]]}: folder has no row in {root / CLASSES}"
                            + (f" (nor have {len(extra) - 1} more: {', '.join(extra[1:4])})" if len(extra) > 1 else "")
                            + "; add it there or move it out of images/")
     return present
@@ -132,7 +148,9 @@ def scan_images(root: Path, class_names: list[str], class_rows: list[int],
 
 
 def read_images_csv(root: Path, class_names: list[str], class_split: list[str], class_rows: list[int],
-                     tables: dict) -> tuple[list[str], np.ndarray, np.ndarray]:
+                     tables: dict, folders: dict[str, Path] | None = None) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """`folders` (class_folders): each class's folder as named on disk, which may differ from the
+    table's name by Unicode normalisation or spaces."""
     path = root / IMAGES
     rows = _read_csv(path, tables)
     where = _header(path, rows, ("path", "split"))
@@ -149,6 +167,8 @@ def read_images_csv(root: Path, class_names: list[str], class_split: list[str], 
         if "/" not in rel or rel.split("/", 1)[0] not in position:
             raise _fail(path, number, f"image {rel!r} is not inside a class folder of {CLASSES} (<class>/<file>)")
         c = position[rel.split("/", 1)[0]]
+        if folders is not None:
+            rel = f"{folders[class_names[c]].name}/{rel.split('/', 1)[1]}"
         if not (root / "images" / rel).is_file():
             raise _fail(path, number, f"image file {root / 'images' / rel} not found")
         if class_split[c] == "unseen":
@@ -223,11 +243,20 @@ def read_attributes(path: Path, class_names: list[str], class_rows: list[int],
         values = [_number(path, number, column, text) for column, text in zip(names, cells[1:])]
         if not any(values):
             raise _fail(path, number, f"every attribute of class {name!r} is 0 (the class would have no semantics)")
+        for column, value in zip(names, values):
+            if abs(value) > _FLOAT32_MAX:  # the cache stores float32: it would be inf
+                raise _fail(path, number, f"column {column!r}: {value:g} is beyond float32's range (+-{_FLOAT32_MAX:.3g}); "
+                                          "rescale the column")
         att[position[name]] = values
     for name, row in zip(class_names, class_rows):
         if name not in first:
             raise _fail(path, None, f"no row for class {name!r} ({CLASSES} row {row})")
-    return list(names), att.astype(np.float32)
+    att = att.astype(np.float32)
+    for c, name in enumerate(class_names):  # values below 1.4e-45 are 0 in float32: a row of them has no direction
+        if not att[c].any():
+            raise _fail(path, first[name], f"class {name!r}: every value rounds to 0 in float32 (magnitudes below "
+                                           "1.4e-45), so the class would have no semantics; rescale its row")
+    return list(names), att
 
 
 def read_vectors(root: Path, attribute_names: list[str], tables: dict) -> tuple[np.ndarray, str] | None:
@@ -247,7 +276,10 @@ def _read_vectors_npy(path: Path, attribute_names: list[str], tables: dict) -> n
     try:
         vectors = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:
-        raise _fail(path, None, f"not a readable .npy array ({err})") from None
+        # numpy's advice for an object array (allow_pickle=True) would run whatever the pickle holds
+        what = "it holds Python objects (a pickle)" if "Object arrays" in str(err) else f"{err}"
+        raise _fail(path, None, f"not a plain numeric .npy array ({what}); save the vectors with "
+                                "np.save(path, np.asarray(vectors, dtype=np.float32))") from None
     a = len(attribute_names)
     if not isinstance(vectors, np.ndarray) or vectors.ndim != 2 or vectors.shape[0] != a or vectors.shape[1] < 1:
         raise _fail(path, None, f"shape {getattr(vectors, 'shape', None)}, expected ({a}, D): one row per attribute "

@@ -95,9 +95,10 @@ class TrainedHead:
     checkpoint: dict
 
 
-def load_trained(checkpoint: str | Path, cache: FeatureCache, device: torch.device) -> TrainedHead:
+def load_trained(checkpoint: str | Path, cache: FeatureCache, device: torch.device, *,
+                 trust_unverified: bool = False) -> TrainedHead:
     """The checkpoint's model over the cache's benchmark task (refuses a foreign cache)."""
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = load_checkpoint(checkpoint, trust_unverified=trust_unverified)
     check_compatible(ckpt, cache_identity(cache), checkpoint, cache.path)
     task = benchmark_task(np.asarray(cache.labels), usable_splits(cache)[0], num_classes=int(cache.att.shape[0]))
     model = build_model(HeadConfig.from_dict(ckpt["config"]["head"]), cache, task, device, ckpt["config"]["seed"])

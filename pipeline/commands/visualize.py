@@ -76,7 +76,8 @@ def _rebuilt_extras(cache: FeatureCache, image_root: str | Path | None) -> dict:
     return extras
 
 
-def resolve_inputs(run_dir, checkpoint, cache_path, out_dir, cache_dir=None) -> tuple[Path, Path, Path]:
+def resolve_inputs(run_dir, checkpoint, cache_path, out_dir, cache_dir=None,
+                   trust_unverified: bool = False) -> tuple[Path, Path, Path]:
     """Checkpoint, cache (a file or a store key) and output folder from a run folder, unless given."""
     if run_dir is None and (checkpoint is None or cache_path is None or out_dir is None):
         raise VisualizeError("give --run, or all of --checkpoint, --cache and --out")
@@ -85,7 +86,7 @@ def resolve_inputs(run_dir, checkpoint, cache_path, out_dir, cache_dir=None) -> 
     if not checkpoint.is_file():
         raise VisualizeError(f"{checkpoint}: no checkpoint (an unfinished or failed run?)")
     if cache_path is None:  # the run's: config.json's path, else by content key in the store
-        return checkpoint, find_cache(checkpoint, load_checkpoint(checkpoint), None, cache_dir), \
+        return checkpoint, find_cache(checkpoint, load_checkpoint(checkpoint, trust_unverified=trust_unverified), None, cache_dir), \
             Path(out_dir) if out_dir else run_dir / "pictures"
     return checkpoint, resolve_cache(cache_path, cache_dir), Path(out_dir) if out_dir else run_dir / "pictures"
 
@@ -104,7 +105,7 @@ def pick_rows(task, labels: np.ndarray, count: int) -> np.ndarray:
 
 def visualize(checkpoint: str | Path, cache_path: str | Path, out_dir: str | Path, *, rows=None, images: int = 4,
               top_k: int = 3, tsne_images: int = 1000, image_root: str | Path | None = None,
-              device: str = "auto", log=print) -> list[Path]:
+              device: str = "auto", trust_unverified: bool = False, log=print) -> list[Path]:
     """Write the pictures for `checkpoint` (trained on `cache_path`) into out_dir; return the paths."""
     plt = _pyplot()
     out_dir, device = Path(out_dir), resolve_device(device)
@@ -113,7 +114,7 @@ def visualize(checkpoint: str | Path, cache_path: str | Path, out_dir: str | Pat
         if cache.image_paths is None:
             raise VisualizeError(f"{cache_path}: the cache records no image paths (a TransZero-written file?): "
                                  "attention pictures need the images")
-        head = load_trained(checkpoint, cache, device)
+        head = load_trained(checkpoint, cache, device, trust_unverified=trust_unverified)
         labels = np.asarray(cache.labels)
         extras = dataset_extras(cache, image_root)
         rows = pick_rows(head.task, labels, images) if rows is None else np.asarray(rows, dtype=np.int64)
@@ -141,12 +142,13 @@ def visualize(checkpoint: str | Path, cache_path: str | Path, out_dir: str | Pat
 def _attention_picture(plt, att, cache, extras, labels, size, out_dir) -> list[Path]:
     from PIL import Image
 
+    from extract.loader import UNREADABLE
     if extras["root"] is None:
         raise VisualizeError(f"{cache.path}: no image root in the manifest; pass --image-root")
     path = extras["root"] / cache.image_paths[att.row]
     try:
         image = Image.open(path).convert("RGB")
-    except OSError as err:
+    except UNREADABLE as err:
         raise VisualizeError(f"{path}: cannot read the image ({err}); pass --image-root if the images moved") from None
     heats = np.stack([heat_in_image(g, image.width, image.height, size) for g in att.grids])
     names = extras["attribute_names"]

@@ -30,6 +30,7 @@ import pytest
 from click.testing import CliRunner
 
 from tests.fixtures.caches import write_tiny_cache
+from tests.fixtures.verdicts import classify, record
 
 REPO = Path(__file__).resolve().parents[2]
 QUICK = ["--set", "iterations=20", "--set", "eval_every=10", "--set", "batch_size=8", "--quiet"]
@@ -221,7 +222,13 @@ def _run(bad: BadInput, args: list[str], cwd: Path) -> tuple[int, str]:
 
 @pytest.mark.parametrize("bad", ROWS, ids=[r.id for r in ROWS])
 def test_bad_input(bad: BadInput, request, tmp_path, caches):
-    places = {"tmp": tmp_path / "work", **caches}
+    check_row(bad, request, tmp_path, caches)
+
+
+def check_row(bad: BadInput, request, tmp_path, places: dict) -> None:
+    """Run one row with its placeholders filled from `places` (+ {tmp} and its `needs`), record what the
+    user saw (tests/fixtures/verdicts.py), then assert it."""
+    places = {"tmp": tmp_path / "work", **places}
     places["tmp"].mkdir()
     for fixture in bad.needs:
         places[fixture.removesuffix("_dir")] = request.getfixturevalue(fixture)
@@ -230,6 +237,9 @@ def test_bad_input(bad: BadInput, request, tmp_path, caches):
         return text.format(**{k: str(v) for k, v in places.items()})
 
     code, output = _run(bad, [fill(a) for a in bad.args], cwd=places["tmp"])
+    verdict = classify(code, output, bad.code, any(fill(bad.message) in line for line in output.splitlines()))
+    left_behind = any(Path(fill(path)).exists() for path in bad.absent)
+    record(f"bad-input:{bad.id}", "other" if left_behind and verdict == "one-line" else verdict)
     assert "Traceback" not in output, output
     assert code == bad.code, output
     assert any(fill(bad.message) in line for line in output.splitlines()), output  # within one line

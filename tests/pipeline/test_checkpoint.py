@@ -158,11 +158,13 @@ def test_an_edited_field_is_refused_too(tiny_cache, tmp_path):
         load_checkpoint(path)
 
 
-def test_a_checkpoint_without_a_checksum_loads_with_a_warning(tiny_cache, tmp_path):
+def test_a_checkpoint_without_a_checksum_loads_only_when_trusted_and_then_with_a_warning(tiny_cache, tmp_path):
     path = _saved(tiny_cache, tmp_path / "old.pt")
     _craft(path, torch.load(path, weights_only=True), checksum=False)   # as older versions wrote them
+    with pytest.raises(CheckpointError, match=r"old\.pt: has no checksum .* pass --trust-unverified"):
+        load_checkpoint(path)
     warnings = []
-    ckpt = load_checkpoint(path, warn=warnings.append)
+    ckpt = load_checkpoint(path, warn=warnings.append, trust_unverified=True)
     assert ckpt["iteration"] == 3 and len(warnings) == 1
     assert "old.pt" in warnings[0] and "without a checksum" in warnings[0]
 
@@ -186,7 +188,7 @@ def test_a_crafted_checkpoint_is_one_line(tiny_cache, tmp_path, craft, message, 
     path = _craft(tmp_path / "crafted.pt", payload, checksum=with_checksum and "model" in payload
                   and all(isinstance(v, torch.Tensor) for v in payload["model"].values()))
     with pytest.raises(CheckpointError, match=r"crafted\.pt: malformed checkpoint: .*" + re.escape(message)):
-        load_checkpoint(path, warn=lambda m: None)
+        load_checkpoint(path, warn=lambda m: None, trust_unverified=True)
     code, lines, result = _evaluate_cli(path, tiny_cache)
     errors = [line for line in lines if line.startswith("Error:")]
     assert code == 1 and len(errors) == 1 and "crafted.pt" in errors[0] and result.exc_info[0] is SystemExit

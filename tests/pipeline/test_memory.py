@@ -1,6 +1,7 @@
 """Peak memory of the resident features (pipeline/features.py) and of evaluation batches, measured
 in child processes (ru_maxrss) on real HDF5 caches."""
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -14,6 +15,7 @@ from bench.train import write_cache
 from cache.reader import FeatureCache
 from heads.regions import prepare_regions
 from pipeline.engine import EVAL_HOST_BYTES, evaluation_batch_size
+from pipeline.config import ConfigError
 from pipeline.features import RegionBank, ResidentFeatures
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -98,8 +100,9 @@ def test_streaming_delivers_the_resident_batches_bit_for_bit(tiny_cache):
             assert torch.equal(batch_r.rows, batch_s.rows)
 
 
-def test_a_streamed_run_gives_the_resident_run_numbers(tiny_cache, tmp_path):
-    """--max-memory below the bank: training and evaluation stream from the file, same metrics."""
+def test_a_streamed_run_gives_the_resident_run_numbers(tiny_cache, tmp_path, monkeypatch):
+    """Streamed from the file (MSDN_FEATURE_STORE=streaming: the tiny bank is smaller than streaming's
+    read-ahead, so no --max-memory would choose it), training and evaluation give the same metrics."""
     from pipeline.evaluate import evaluate
     from pipeline.runlog import read_metrics
     from pipeline.train import train
@@ -107,27 +110,32 @@ def test_a_streamed_run_gives_the_resident_run_numbers(tiny_cache, tmp_path):
     config = tiny_config(iterations=30, eval_every=10, lambda_causal=0.5)
     messages = []
     resident = train(config, tiny_cache, tmp_path / "resident", progress=False, max_memory="64G")
-    streamed = train(config, tiny_cache, tmp_path / "streamed", progress=False, max_memory="1K", log=messages.append)
+    with pytest.raises(ConfigError, match=r"--max-memory 1K: below the ~.* GB this run needs even streaming .* "
+                                          r"pass at least \d+M, or auto"):
+        train(config, tiny_cache, tmp_path / "too-small", progress=False, max_memory="1K")
+    assert not (tmp_path / "too-small").exists()  # refused before the run folder is made
+    monkeypatch.setenv("MSDN_FEATURE_STORE", "streaming")
+    streamed = train(config, tiny_cache, tmp_path / "streamed", progress=False, log=messages.append)
     assert resident["feature_store"]["mode"] == "resident" and streamed["feature_store"]["mode"] == "streaming"
-    assert messages and messages[0].startswith("features: streaming") and "--max-memory" in messages[0]
+    assert messages and messages[0].startswith("features: streaming") and "MSDN_FEATURE_STORE" in messages[0]
     plan = json.loads((tmp_path / "streamed" / "config.json").read_text())["run"]["features"]
-    assert plan["mode"] == "streaming" and plan["limit_bytes"] == 1024 and plan["limit_from"] == "--max-memory"
-    assert "warning" in plan  # 1 KB is below the runtime itself: said, and the run goes on
+    assert plan["mode"] == "streaming" and plan["reason"] == "MSDN_FEATURE_STORE=streaming"
     strip = lambda rs: [{k: v for k, v in r.items() if k != "losses"} | {"loss": r["losses"]["loss"]} for r in rs]
     assert strip(read_metrics(tmp_path / "streamed" / "metrics.jsonl")) == \
         strip(read_metrics(tmp_path / "resident" / "metrics.jsonl"))
     assert streamed["test"] == resident["test"] and streamed["selection"] == {**resident["selection"],
         "train_seconds": streamed["selection"]["train_seconds"], "eval_seconds": streamed["selection"]["eval_seconds"]}
-    evaluated = evaluate(tmp_path / "streamed" / "best.pt", tiny_cache, max_memory="0", out_dir=tmp_path / "eval")
+    evaluated = evaluate(tmp_path / "streamed" / "best.pt", tiny_cache, out_dir=tmp_path / "eval")
     assert evaluated["test"] == {k: resident["test"][k] for k in evaluated["test"]}
     assert json.loads((tmp_path / "eval" / "config.json").read_text())["features"]["mode"] == "streaming"
 
 
-def test_cli_max_memory_streams_and_says_so(tiny_cache, tmp_path):
+def test_cli_streams_and_says_so(tiny_cache, tmp_path):
     done = subprocess.run(["msdn", "train", "--recipe", "demo", "--cache", str(tiny_cache), "--out", "run", "--quiet",
-                           "--max-memory", "10M", "--set", "iterations=4", "--set", "eval_every=2",
+                           "--set", "iterations=4", "--set", "eval_every=2",
                            "--set", "batch_size=8", "--set", "selection=fixed"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "MSDN_FEATURE_STORE": "streaming"})
     assert done.returncode == 0, done.stderr
     assert "features: streaming" in done.stderr
     assert json.loads((tmp_path / "run" / "config.json").read_text())["run"]["features"]["mode"] == "streaming"

@@ -27,6 +27,8 @@ from pipeline.metrics import calibrated_stacking
 from pipeline.tasks import benchmark_task, usable_splits
 from pipeline.train import train
 
+from tests.fixtures.images import write_png_bomb
+
 from .conftest import write_tiny_cache
 
 PER_CLASS, IMAGE_SIZE = 3, 96
@@ -202,3 +204,26 @@ def test_a_foreign_cache_or_none_at_all_is_refused_in_one_line(trained, tmp_path
     one_line_error(CliRunner(env={"MSDN_CACHE_DIR": None}).invoke(
         cli.main, ["predict", "--checkpoint", str(alone), "--device", "cpu", trained["images"][0]]),
         str(alone), "--cache")
+
+
+def test_readable_photos_are_scored_and_each_bad_one_is_one_line(trained, tmp_path):
+    """One bad photo among good ones (issue 21): the others keep their scores, each bad one is one
+    "Error:" line naming it (a decompression bomb among them: refused from its header), exit 1 at the end."""
+    broken, bomb, missing = tmp_path / "broken.jpg", write_png_bomb(tmp_path / "bomb.png"), tmp_path / "gone.jpg"
+    broken.write_bytes(b"not a jpeg at all" * 10)
+    good = trained["images"][:2]
+    alone = run("--checkpoint", trained["checkpoint"], "--device", "cpu", "--json", *good)
+    alone = [json.loads(line) for line in alone.stdout.splitlines() if line.startswith("{")]
+    result = run("--checkpoint", trained["checkpoint"], "--device", "cpu", "--json", good[0], broken, bomb, missing,
+                 good[1])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [r["image"] for r in records] == [good[0], str(broken), str(bomb), str(missing), good[1]]
+    assert [records[0], records[4]] == alone                                    # same scores as without the bad ones
+    assert "cannot read image" in records[1]["error"] and "DecompressionBombError" in records[2]["error"]
+    assert records[3]["error"] == f"{missing}: image not found"
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
+    assert errors == [f"Error: {records[k]['error']}" for k in (1, 2, 3)]
+    text = run("--checkpoint", trained["checkpoint"], "--device", "cpu", good[0], bomb)
+    assert text.exit_code == 1 and f"{good[0]}  ->  " in text.stdout and "Traceback" not in text.output
+    assert [line for line in text.output.splitlines() if line.startswith("Error: ")] == [f"Error: {records[2]['error']}"]

@@ -72,10 +72,11 @@ class Predictor:
 
 
 def load_predictor(checkpoint: str | Path, *, cache: str | Path | None = None, cache_dir: str | None = None,
-                   weights: str | Path | None = None, device: str = "auto") -> Predictor:
+                   weights: str | Path | None = None, device: str = "auto",
+                   trust_unverified: bool = False) -> Predictor:
     """Checkpoint + its cache + the backbone that made the cache; every mismatch is one UserError line."""
     checkpoint = Path(checkpoint)
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = load_checkpoint(checkpoint, trust_unverified=trust_unverified)
     config = TrainConfig.from_dict(ckpt["config"], where=f"{checkpoint} (embedded config)")
     cache_path = find_cache(checkpoint, ckpt, cache, cache_dir)
     device = resolve_device(device)
@@ -107,20 +108,31 @@ def load_predictor(checkpoint: str | Path, *, cache: str | Path | None = None, c
                      batch_size=default_batch_size(spec.name, spec.image_size, device))
 
 
-def image_maps(predictor: Predictor, images: list[Path]) -> torch.Tensor:
-    """(N, C, H, W) backbone maps of the images, in the cache's dtype, as extraction computes them."""
-    for path in images:
+def image_maps(predictor: Predictor, images: list[Path], failures: dict[int, str] | None = None) -> torch.Tensor:
+    """(N, C, H, W) backbone maps of the images, in the cache's dtype, as extraction computes them.
+    With `failures` (a dict), an image that cannot be scored is recorded there ({index: one line
+    naming it}) and left out of the maps instead of stopping everything with a PredictError."""
+    def fail(k: int, message: str) -> None:
+        if failures is None:
+            raise PredictError(message)
+        failures[k] = message
+
+    for k, path in enumerate(images):
         if not path.is_file():
-            raise PredictError(f"{path}: image not found")
+            fail(k, f"{path}: image not found")
     spec = predictor.spec
     rows = ImageRows("", [str(p) for p in images], np.arange(len(images)), build_transform(spec), spec.image_size)
     amp = autocast_dtype(predictor.device, predictor.cache_dtype)
+    todo = [k for k in range(len(images)) if failures is None or k not in failures]
     out = []
-    for start in range(0, len(images), predictor.batch_size):
-        items = [rows[k] for k in range(start, min(start + predictor.batch_size, len(images)))]
-        for k, (_, _, error) in enumerate(items):
+    for start in range(0, len(todo), predictor.batch_size):
+        items = [rows[k] for k in todo[start:start + predictor.batch_size]]
+        for k, _, error in items:
             if error:
-                raise PredictError(f"{images[start + k]}: cannot read image ({error})")
+                fail(int(k), f"{images[k]}: cannot read image ({error})")
+        items = [item for item in items if not item[2]]
+        if not items:
+            continue
         batch = torch.stack([tensor for _, tensor, _ in items])
         # A lone image goes through as a batch of two (itself twice): on the CPU, convolution for a
         # batch of one takes other kernels, whose float16 maps differed in the last bit (measured),
@@ -130,12 +142,12 @@ def image_maps(predictor: Predictor, images: list[Path]) -> torch.Tensor:
         maps, finite = maps[:len(batch)], finite[:len(batch)]
         if ready is not None:
             ready.synchronize()
-        bad = np.flatnonzero(~finite.cpu().numpy())
-        if len(bad):
-            raise PredictError(f"{images[start + int(bad[0])]}: the backbone gave non-finite features "
-                               f"(not storable as {predictor.cache_dtype}); its scores would be meaningless")
-        out.append(maps.cpu())
-    return torch.cat(out)
+        finite = finite.cpu().numpy()
+        for i in np.flatnonzero(~finite):
+            fail(int(items[i][0]), f"{images[items[i][0]]}: the backbone gave non-finite features (not storable as "
+                                   f"{predictor.cache_dtype}); its scores would be meaningless")
+        out.append(maps.cpu()[torch.from_numpy(finite)])
+    return torch.cat(out) if out else torch.empty(0)
 
 
 @torch.inference_mode()
@@ -172,27 +184,37 @@ def bias_term(model) -> torch.Tensor:
 
 def predict(checkpoint: str | Path, images: list[str | Path], *, cache: str | Path | None = None,
             cache_dir: str | None = None, weights: str | Path | None = None, device: str = "auto",
-            top_k: int = 5, all_classes: bool = False, num_attributes: int = 5,
+            top_k: int = 5, all_classes: bool = False, num_attributes: int = 5, trust_unverified: bool = False,
             log: Callable[[str], None] | None = None) -> list[dict]:
-    """One result per image (see `image_result`); ZSL over the unseen classes, or GZSL with the run's gamma."""
+    """One result per image, in order (see `image_result`); ZSL over the unseen classes, or GZSL with the run's
+    gamma. An image that cannot be scored gets {"image", "error": one line naming it} instead."""
     if top_k < 1 or num_attributes < 0:
         raise PredictError(f"--top-k must be >= 1 and --attributes >= 0, got {top_k} and {num_attributes}")
     images = [Path(p) for p in images]
     if not images:
         raise PredictError("no IMAGE given")
-    for path in images:  # before the (slow) model build
-        if not path.is_file():
-            raise PredictError(f"{path}: image not found")
-    predictor = load_predictor(checkpoint, cache=cache, cache_dir=cache_dir, weights=weights, device=device)
+    if not any(path.is_file() for path in images):  # before the (slow) model build
+        raise PredictError(f"{images[0]}: image not found" + (f" (nor any of the other {len(images) - 1})"
+                                                              if len(images) > 1 else ""))
+    predictor = load_predictor(checkpoint, cache=cache, cache_dir=cache_dir, weights=weights, device=device,
+                               trust_unverified=trust_unverified)
     if log is not None:
         log(f"{predictor.checkpoint}: cache {predictor.cache_path}, backbone {predictor.spec.name}"
             f"@{predictor.spec.image_size}px ({predictor.weights_file or 'random init'}), "
             + (f"GZSL, all classes, gamma {predictor.gamma:.4g}" if all_classes else "ZSL, unseen classes")
             + f", on {predictor.device}")
-    maps = image_maps(predictor, images)
-    scores, attribute_scores = head_outputs(predictor, maps)
-    return [image_result(predictor, str(path), scores[i], attribute_scores[i], top_k=top_k,
-                         all_classes=all_classes, num_attributes=num_attributes) for i, path in enumerate(images)]
+    failures: dict[int, str] = {}  # one bad photo must not cost the others their scores
+    maps = image_maps(predictor, images, failures)
+    scores, attribute_scores = head_outputs(predictor, maps) if len(maps) else (None, None)
+    results, i = [], 0
+    for k, path in enumerate(images):
+        if k in failures:
+            results.append({"image": str(path), "error": failures[k]})
+            continue
+        results.append(image_result(predictor, str(path), scores[i], attribute_scores[i], top_k=top_k,
+                                    all_classes=all_classes, num_attributes=num_attributes))
+        i += 1
+    return results
 
 
 def ranked_classes(predictor: Predictor, scores: torch.Tensor, all_classes: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -241,6 +263,8 @@ def format_results(results: list[dict]) -> str:
     """Human-readable lines: per image the ranking, then the attributes behind the top class."""
     lines = []
     for r in results:
+        if "error" in r:  # reported on stderr by the command, one line each
+            continue
         p = r["prediction"]
         setting = (f"GZSL: all classes, seen-class scores - gamma {r['gamma']:.4g}" if r["setting"] == "GZSL"
                    else "ZSL: unseen classes only")
