@@ -4,6 +4,7 @@ from __future__ import annotations
 import gc
 import math
 import os
+import shlex
 import sys
 
 # OpenMP threads that wait by spinning burn the cores a neighbour needs, and a spinner descheduled
@@ -449,12 +450,13 @@ def _launcher_options(command):
                      help="Where the tasks run: processes on this machine, or ONE Slurm job array (submitit; "
                           "pip install \"msdn-zsl[slurm]\"). Output folder and cache must be on a shared filesystem."),
         click.option("--slurm-partition", default=None, help="slurm: partition [default: the cluster's default]."),
-        click.option("--slurm-time", default=None, help="slurm: time limit per task, Slurm's format (90, 1:30:00)."),
+        click.option("--slurm-time", default=None, help="slurm: time limit per task, Slurm's format (90, 1:30:00) "
+                     "[default: the partition's default time, else its maximum]."),
         click.option("--cpus-per-task", default=1, show_default=True, type=click.IntRange(min=1), help="slurm: CPUs per task."),
         click.option("--gpus-per-task", default=0, show_default=True, type=click.IntRange(min=0), help="slurm: GPUs per task."),
         click.option("--mem", default=None, help="slurm: memory per task (8G)."),
         click.option("--array-parallelism", default=None, type=click.IntRange(min=1),
-                     help="slurm: tasks of the array running at once [default: Slurm's]."),
+                     help="slurm: tasks of the array running at once [default: no limit but the cluster's]."),
         click.option("--slurm-option", "slurm_extra", multiple=True, metavar="KEY=VALUE",
                      help="slurm: any other sbatch option, e.g. account=lab, qos=short (repeatable)."),
     ]
@@ -482,7 +484,7 @@ def _slurm_options(slurm_partition, slurm_time, cpus_per_task, gpus_per_task, me
 @click.option("--cache", "cache_path", default=None,
               help="Feature cache: a .h5 file or a store key [default: the preset's, extracted into --out].")
 @click.option("--cache-dir", default=None, help="Store to look keys up in [default: $MSDN_CACHE_DIR].")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Ablation folder.")
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False), help="Ablation folder (required).")
 @click.option("--ablation", "ablations", default=None,
               help="Comma-separated built-in ablations, 'all' or 'none' [default: the preset's; all without --grid]. "
                    "Names: full, ava_only, vaa_only, no_distill, no_causal, no_calibration, cf_<type>, "
@@ -499,16 +501,31 @@ def _slurm_options(slurm_partition, slurm_time, cpus_per_task, gpus_per_task, me
 @click.option("--weights-from", default=None, type=click.Path(exists=True, dir_okay=False),
               help="--preset causal: train each variant at the weight that this earlier screen's paired.csv "
                    "chose on validation (a confirmation run) instead of the weight grid.")
+@_launcher_options
+@click.option("--no-wait", is_flag=True, help="slurm: submit, print the job id and the command that collects, exit.")
+@click.option("--status", "status_dir", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Print where each cell of the ablation in this folder stands (and Slurm's queue), then exit.")
 def ablate(preset, recipe, cache_path, cache_dir, out_dir, ablations, grid, seeds, overrides, workers, device, overwrite,
-           weights_from):
+           weights_from, launcher, no_wait, status_dir, **slurm):
     """Train a grid of variants x seeds in parallel; write mean ± std tables (CSV, Markdown, LaTeX)."""
-    from pipeline.commands.ablate import AblateOptions, run_ablate
+    from pipeline.commands.ablate import AblateOptions, ablation_status, run_ablate
 
+    if status_dir is not None:
+        click.echo("\n".join(ablation_status(status_dir)))
+        return
+    if out_dir is None:
+        raise click.UsageError("Missing option '--out'.")
     options = AblateOptions(out=out_dir, recipe=recipe, cache=cache_path, preset=preset, ablations=_csv(ablations),
                             grid=list(grid), seeds=_csv(seeds, int, "--seeds", minimum=0),
                             overrides=list(overrides), workers=workers, device=device, overwrite=overwrite,
-                            weights_from=weights_from, cache_dir=cache_dir)
+                            weights_from=weights_from, cache_dir=cache_dir, launcher=launcher,
+                            slurm=_slurm_options(**slurm), wait=not no_wait)
     result = run_ablate(options, log=lambda msg: click.echo(msg, err=True))  # Ctrl-C keeps finished cells
+    if not options.wait:
+        again = shlex.join(["msdn", *(a for a in sys.argv[1:] if a != "--no-wait")])
+        click.echo(f"slurm job {result['job_id']} submitted" if result["job_id"] else "nothing to submit")
+        click.echo(f"follow it: msdn ablate --status {result['out']}\ncollect:   {again}")
+        return
     click.echo(result["paths"]["markdown"].read_text())
     if "paired_markdown" in result["paths"]:
         click.echo(result["paths"]["paired_markdown"].read_text())

@@ -21,14 +21,20 @@ from cache.store import resolve_cache
 from pipeline.commands.ablate.causal import chosen_weights, plan_screen, write_screen_tables
 from pipeline.commands.ablate.grid import (
     AblationError,
+    absolute_recipe,
     builtin_ablations,
+    cells_to_run,
     collect_runs,
     plan_cells,
     run_cells,
     worker_slots,
 )
+from pipeline.commands.ablate.slurm_cells import FOLDER as SLURM_FOLDER
+from pipeline.commands.ablate.slurm_cells import submit_cells
+from pipeline.commands.ablate.status import ablation_status, write_plan  # noqa: F401 - ablation_status: cli
 from pipeline.commands.tables import write_tables
 from pipeline.config import apply_overrides, load_recipe
+from pipeline.launch import SlurmOptions, make_launcher
 from pipeline.runlog import write_json_atomic
 
 PRESET_BACKBONE = "efficientnet_lite0"  # the one ImageNet backbone available without a download
@@ -77,6 +83,9 @@ class AblateOptions:
     overwrite: bool = False
     weights_from: str | None = None  # causal preset: a screen's paired.csv, whose chosen weights are used
     cache_dir: str | None = None     # the store that --cache keys are looked up in [default: $MSDN_CACHE_DIR]
+    launcher: str = "local"          # "local": worker processes here; "slurm": one job array (slurm_cells.py)
+    slurm: SlurmOptions | None = None
+    wait: bool = True                # slurm: wait for the array and write the tables; False: submit and return
 
 
 def run_ablate(options: AblateOptions, log=print) -> dict:
@@ -84,7 +93,8 @@ def run_ablate(options: AblateOptions, log=print) -> dict:
     the cells, write runs.csv / results.csv / results.md / results.tex and ablation.json in `out`.
     Returns {"runs": DataFrame, "paths", "seconds", "cache"}."""
     start = time.perf_counter()
-    out = Path(options.out)
+    on_slurm = _check_launcher(options)
+    out = Path(options.out).resolve() if on_slurm else Path(options.out)  # the job must not depend on the shell's folder
     preset = _preset(options.preset)
     recipe = options.recipe or (preset.recipe if preset else None)
     if recipe is None or (options.cache is None and preset is None):
@@ -103,22 +113,39 @@ def run_ablate(options: AblateOptions, log=print) -> dict:
         ablations = list(dict.fromkeys(c.factors["ablation"] for c in cells))
     else:
         cells = plan_cells(recipe, out, ablations=ablations, grid=options.grid, seeds=seeds, overrides=overrides)
-    slots = worker_slots(options.device, options.workers)
+    slots = [] if on_slurm else worker_slots(options.device, options.workers)
 
-    cache = resolve_cache(options.cache, options.cache_dir) if options.cache else _extract_preset(preset, out, options.device, log)
+    cache = resolve_cache(options.cache, options.cache_dir) if options.cache else None
+    launcher = make_launcher("slurm", folder=out / SLURM_FOLDER, slurm=options.slurm or SlurmOptions()) if on_slurm else None
+    if launcher is not None:  # before a preset's extraction: refusals come first
+        cache = cache and cache.resolve()
+        launcher.check([out, *([cache] if cache else [])], log=log)
+    cache = cache or _extract_preset(preset, out, options.device, log)
     info = cache_info(cache)
+    cells_to_run(cells, info["content_key"], options.overwrite)  # another run's folders: refused before the plan is written
+    write_plan(cells, out)
     log(f"cache {cache}: {info['dataset']}, {info['backbone']} {info['image_size']} px")
     caption = (f"{info['dataset']}, {info['backbone']} {info['image_size']} px, recipe {recipe}: "
                f"mean ± std over {len(seeds)} seeds (accuracies in %)")
     try:
-        runs = run_cells(cells, cache, recipe=recipe, cache_info=info, slots=slots, overwrite=options.overwrite,
-                         log=log)
+        if on_slurm:
+            job_id, submitted = submit_cells(cells, cache, launcher, recipe=absolute_recipe(recipe), cache_info=info,
+                                             out=out, device=options.device, overwrite=options.overwrite,
+                                             wait=options.wait, log=log)
+            if not options.wait:
+                return {"job_id": job_id, "cache": str(cache), "out": str(out)}
+            runs = collect_runs(cells)
+            runs.attrs["cells_run"] = submitted
+        else:
+            runs = run_cells(cells, cache, recipe=recipe, cache_info=info, slots=slots, overwrite=options.overwrite,
+                             log=log)
     except KeyboardInterrupt:  # the tables of what finished so far, then stop
         runs = collect_runs(cells)
         write_tables(runs, out, caption=caption + "; INTERRUPTED, unfinished cells missing")
         if preset and preset.causal_weights:
             write_screen_tables(runs, out)
-        log(f"interrupted: tables of the finished cells in {out}; run the same command again to go on")
+        log(f"interrupted: tables of the finished cells in {out}; run the same command again to go on"
+            + (" (it collects the array that keeps running)" if on_slurm else ""))
         raise
     seconds = time.perf_counter() - start
     paths = write_tables(runs, out, caption=caption)
@@ -128,12 +155,29 @@ def run_ablate(options: AblateOptions, log=print) -> dict:
     write_json_atomic(out / "ablation.json", {
         "preset": options.preset, "recipe": recipe, "cache": str(cache), **info, "seeds": seeds,
         "ablations": ablations, "grid": options.grid, "overrides": overrides, "workers": len(slots),
+        "launcher": options.launcher,
         "cells": len(cells), "failed": int((runs["status"] == "failed").sum()),
         "cells_cpu_seconds": float(runs["cpu_s"].sum()),
         # one entry per invocation: a re-run that only skips finished cells keeps the first run's time
         "history": previous + [{"finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "wall_seconds": seconds,
                                 "cells_run": runs.attrs.get("cells_run")}]})
     return {"runs": runs, "paths": paths, "seconds": seconds, "cache": str(cache)}
+
+
+def _check_launcher(options: AblateOptions) -> bool:
+    """True for --launcher slurm; options that the chosen launcher would ignore are errors."""
+    if options.launcher not in ("local", "slurm"):
+        raise AblationError(f"--launcher {options.launcher!r}: expected local or slurm")
+    if options.launcher == "slurm":
+        if options.workers is not None:
+            raise AblationError("--workers applies to --launcher local; on Slurm use --array-parallelism")
+        return True
+    if options.slurm is not None and options.slurm != SlurmOptions():
+        raise AblationError("the --slurm-*, --cpus-per-task, --gpus-per-task, --mem and --array-parallelism "
+                            "options apply to --launcher slurm only")
+    if not options.wait:
+        raise AblationError("--no-wait applies to --launcher slurm only")
+    return False
 
 
 def _read_history(path: Path) -> list:
