@@ -34,6 +34,8 @@ except ImportError:  # the launcher says so when asked for (SlurmLauncher), not 
 NODE_LOCAL = ("/tmp", "/dev/shm")  # folders that every node has its own copy of
 PENDING = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "RESIZING", "SUSPENDED"}
 QUERY_SECONDS = 60
+NO_LIMIT_MINUTES = 365 * 24 * 60  # a partition without a time limit: asked for a year, so that
+# submitit's requeue logic (which compares the run time with the request) reads a signal as preemption
 
 
 class _Requeued(Checkpointable):
@@ -67,9 +69,9 @@ def partitions() -> dict[str, dict]:
 
 
 def minutes(text: str) -> int:
-    """Slurm's time format ("90", "1:30:00", "2-00:00:00", "1-12") as whole minutes (0: no limit)."""
-    if text.upper() in ("UNLIMITED", "INFINITE", "NONE"):
-        return 0
+    """Slurm's time format ("90", "1:30:00", "2-00:00:00", "1-12") as whole minutes."""
+    if text.upper() in ("UNLIMITED", "INFINITE"):
+        return NO_LIMIT_MINUTES
     match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
     if match is None:
         raise LaunchError(f"--slurm-time {text!r}: not Slurm's time format (minutes, H:MM:SS or D-HH:MM:SS)")
@@ -82,21 +84,25 @@ def minutes(text: str) -> int:
     return first + math.ceil((second or 0) / 60)  # M or M:SS
 
 
-def queue_state(job_id: str) -> dict[int, str] | None:
-    """{array index: Slurm state} of the job's tasks still in the queue ({} when none is); None when
-    Slurm cannot be asked (no squeue, no controller): then nobody knows."""
+def queue_state(job_id: str) -> dict[str, str] | None:
+    """{task id ("123_4"; "123" for an array of one, which submitit submits as a plain job): Slurm
+    state} of the job's tasks still in the queue ({} when none is); None when Slurm cannot be asked
+    (no squeue, no controller): then nobody knows."""
     if shutil.which("squeue") is None:
         return None
-    done = subprocess.run(["squeue", "--noheader", "--array", "--jobs", str(job_id), "--format", "%K %T"],
-                          capture_output=True, text=True, timeout=QUERY_SECONDS)
+    try:
+        done = subprocess.run(["squeue", "--noheader", "--array", "--jobs", str(job_id), "--format", "%i %T"],
+                              capture_output=True, text=True, timeout=QUERY_SECONDS)
+    except subprocess.TimeoutExpired:
+        return None
     if done.returncode != 0:
         return {} if "Invalid job id" in done.stderr else None  # an id the controller has forgotten
-    states = {}
-    for line in done.stdout.splitlines():
-        index, _, state = line.strip().partition(" ")
-        if index.isdigit():
-            states[int(index)] = state
-    return states
+    return dict(line.split(None, 1) for line in done.stdout.splitlines() if len(line.split()) == 2)
+
+
+def node_local(paths) -> list[str]:
+    """The paths that lie in a folder of which every node has its own copy (/tmp, /dev/shm)."""
+    return [str(p) for p in map(Path, paths) if any(str(Path(p).resolve()).startswith(d + "/") for d in NODE_LOCAL)]
 
 
 class SlurmLauncher:
@@ -117,15 +123,15 @@ class SlurmLauncher:
         if self.options.time is not None:
             minutes(self.options.time)
         nodes = set(_slurm("sinfo", "--noheader", "--Node", "--format", "%N").split())
-        local = [str(p) for p in map(Path, paths) if any(str(p.resolve()).startswith(d + "/") for d in NODE_LOCAL)]
+        local = node_local(paths)
         if local and len(nodes) > 1:
             (log or (lambda m: print(m, file=sys.stderr)))(
                 f"warning: {', '.join(local)} is node-local on a cluster of {len(nodes)} nodes: "
                 "the output folder and the cache must be on a filesystem every node sees")
 
     def _time_minutes(self) -> int:
-        """--slurm-time, else the partition's default time, else its maximum (0: no limit). submitit
-        would otherwise ask for 5 minutes."""
+        """--slurm-time, else the partition's default time, else its maximum (no limit: a year).
+        submitit would otherwise ask for 5 minutes."""
         if self.options.time is not None:
             return minutes(self.options.time)
         known = partitions()
@@ -134,7 +140,7 @@ class SlurmLauncher:
         for key in ("DefaultTime", "MaxTime"):
             if fields.get(key, "NONE").upper() not in ("NONE", "UNLIMITED", "INFINITE"):
                 return minutes(fields[key])
-        return 0
+        return NO_LIMIT_MINUTES
 
     def launch(self, tasks: Sequence[Task]) -> SlurmLaunch:
         if submitit is None:
@@ -158,27 +164,27 @@ class SlurmLauncher:
         except Exception as err:  # noqa: BLE001 - sbatch's refusal (bad account, qos, ...) as one line
             reason = next((ln for ln in str(err).splitlines() if "error" in ln.lower()), str(err).splitlines()[0])
             raise LaunchError(f"--launcher slurm: sbatch refused the array: {reason.strip()}") from None
-        job_id = jobs[0].job_id.split("_")[0]
-        names = [t.name for t in tasks]
-        (self.folder / f"{job_id}_tasks.json").write_text(json.dumps({"job_id": job_id, "tasks": names}))
-        return SlurmLaunch(job_id, names, self.folder)
+        record = {"job_id": jobs[0].job_id.split("_")[0], "tasks": [t.name for t in tasks],
+                  "task_ids": [job.job_id for job in jobs]}
+        (self.folder / f"{record['job_id']}_tasks.json").write_text(json.dumps(record))
+        return SlurmLaunch(record["job_id"], record["tasks"], record["task_ids"], self.folder)
 
     def attach(self, job_id: str) -> SlurmLaunch:
         """The handle of an array submitted earlier (by another process) into this folder."""
         record = json.loads((self.folder / f"{job_id}_tasks.json").read_text())
-        return SlurmLaunch(str(job_id), record["tasks"], self.folder)
+        return SlurmLaunch(str(job_id), record["tasks"], record["task_ids"], self.folder)
 
 
 class SlurmLaunch:
-    def __init__(self, job_id: str, names: list[str], folder: Path):
-        self.job_id, self.names, self.folder = job_id, list(names), Path(folder)
+    def __init__(self, job_id: str, names: list[str], task_ids: list[str], folder: Path):
+        self.job_id, self.names, self.task_ids, self.folder = job_id, list(names), list(task_ids), Path(folder)
 
     def task_log(self, index: int) -> Path:
         """The task's stderr as submitit writes it (tracebacks of a task that died land there)."""
-        return self.folder / f"{self.job_id}_{index}_0_log.err"
+        return self.folder / f"{self.task_ids[index]}_0_log.err"
 
     def _outcome(self, index: int) -> str:
-        path = self.folder / f"{self.job_id}_{index}_0_result.pkl"
+        path = self.folder / f"{self.task_ids[index]}_0_result.pkl"
         try:
             with path.open("rb") as file:
                 tag = pickle.load(file)[0]
@@ -190,8 +196,13 @@ class SlurmLaunch:
         queue = queue_state(self.job_id)
         if queue is None:
             raise LaunchError(f"slurm job {self.job_id}: Slurm's controller does not answer (squeue)")
-        return {name: ("pending" if queue[i] in PENDING else "running") if i in queue else self._outcome(i)
-                for i, name in enumerate(self.names)}
+        states = {}
+        for index, (name, task) in enumerate(zip(self.names, self.task_ids)):
+            if task in queue:
+                states[name] = "pending" if queue[task] in PENDING else "running"
+            else:
+                states[name] = self._outcome(index)
+        return states
 
     def wait(self, on_change: Callable[[dict], None] | None = None, poll_seconds: float = 5.0) -> dict[str, str]:
         last = None

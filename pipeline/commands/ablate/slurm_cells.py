@@ -40,7 +40,8 @@ def run_cell(job: dict, meta: dict) -> str:
         os.environ.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
         import torch
         torch.set_num_threads(int(threads))
-    task = f"{os.environ.get('SLURM_ARRAY_JOB_ID', '?')}_{os.environ.get('SLURM_ARRAY_TASK_ID', '?')}"
+    env = os.environ  # an array of one cell is a plain job (submitit's choice): no array ids
+    task = f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}" if "SLURM_ARRAY_JOB_ID" in env else env.get("SLURM_JOB_ID")
     cell_dir = Path(job["dir"])
     meta = {**meta, "status": "running", "slurm": {"task": task, "node": socket.gethostname()}}
     start_record(cell_dir, meta)
@@ -59,7 +60,8 @@ def read_arrays(out: Path) -> list[dict]:
 def submit_cells(cells: list[Cell], cache: Path, launcher, *, recipe: str, cache_info: dict, out: Path,
                  device: str, overwrite: bool, wait: bool, log=print) -> tuple[str | None, int]:
     """`launcher`: a checked SlurmLauncher whose folder is <out>/slurm. Wait for this ablation's
-    arrays still in the queue (when `wait`), then submit the unfinished cells as one array; when `wait`, block until its last task ends, one progress line per change.
+    arrays still in the queue (when `wait`), then submit the unfinished cells as one array; when
+    `wait`, block until its last task ends, one progress line per change.
     Returns the new array's job id (None: nothing left to run) and its number of cells."""
     out = Path(out).resolve()
     queued = _still_queued(out, launcher, wait, log)
@@ -76,7 +78,7 @@ def submit_cells(cells: list[Cell], cache: Path, launcher, *, recipe: str, cache
                                                              "cache": str(cache), "dir": str(cell.dir),
                                                              "device": device}, "meta": meta}))
     launch = launcher.launch(tasks)
-    arrays = read_arrays(out) + [{"job_id": launch.job_id, "cells": launch.names,
+    arrays = read_arrays(out) + [{"job_id": launch.job_id, "cells": launch.names, "tasks": launch.task_ids,
                                   "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}]
     write_json_atomic(out / FOLDER / ARRAYS, {"arrays": arrays})
     log(f"submitted slurm job {launch.job_id}: {len(tasks)} cell(s) as one array (job folder {out / FOLDER})")
@@ -119,6 +121,6 @@ def _wait(launch, out: Path, log) -> None:
     for index, (name, state) in enumerate(states.items()):
         meta = read_json(out / name / CELL_FILE) or {}
         if state == "failed" and meta.get("status") in ("queued", "running"):  # ended before the cell could say
-            end_cell(out / name, meta, "failed", f"slurm task {launch.job_id}_{index} ended before the cell did "
+            end_cell(out / name, meta, "failed", f"slurm task {launch.task_ids[index]} ended before the cell did "
                      f"(cancelled, preempted past its requeues, or killed; {launch.task_log(index)})", None, 0.0)
 

@@ -33,9 +33,9 @@ def ablation_status(out: str | Path) -> list[str]:
     plan = read_json(out / PLAN)
     if plan is None:
         raise AblationError(f"{out}: not an ablation folder (no {PLAN}; `msdn ablate --out {out}` writes it)")
-    where = {}  # cell folder -> (job id, array index) of the latest array that held it
+    where = {}  # cell folder -> (job id, task id) of the latest array that held it
     for array in read_arrays(out):
-        where.update({name: (array["job_id"], i) for i, name in enumerate(array["cells"])})
+        where.update({name: (array["job_id"], task) for name, task in zip(array["cells"], array["tasks"])})
     queue = _queues({job for job, _ in where.values()})
     lines, seen = [], Counter()
     for cell in plan["cells"]:
@@ -61,7 +61,7 @@ def _queues(jobs: set[str]) -> dict[str, dict | None]:
     return {job: queue_state(job) for job in jobs}
 
 
-def _cell_state(cell_dir: Path, task: tuple[str, int] | None, queue: dict) -> tuple[str, str]:
+def _cell_state(cell_dir: Path, task: tuple[str, str] | None, queue: dict) -> tuple[str, str]:
     meta = read_json(cell_dir / CELL_FILE)
     if meta is None:
         return "not started", ""
@@ -72,13 +72,13 @@ def _cell_state(cell_dir: Path, task: tuple[str, int] | None, queue: dict) -> tu
     if status == "failed":
         return "failed", f": {meta.get('error', 'no reason recorded')}"
     if status in ("queued", "running") and task is not None:
-        job, index = task
+        job, task_id = task
         states = queue.get(job)
         if states is None:
-            return status, f" (slurm {job}_{index}; queue state unknown)"
-        if index in states:
+            return status, f" (slurm {task_id}; queue state unknown)"
+        if task_id in states:
             node = meta.get("slurm", {}).get("node") if status == "running" else None
-            return status, f" (slurm {job}_{index} {states[index]}" + (f" on {node})" if node else ")")
-        return "stopped", (f": slurm task {job}_{index} left the queue before the cell ended "
+            return status, f" (slurm {task_id} {states[task_id]}" + (f" on {node})" if node else ")")
+        return "stopped", (f": slurm task {task_id} left the queue before the cell ended "
                            "(the same command resubmits it)")
     return status, ""
