@@ -11,11 +11,12 @@
 # Needs Debian/Ubuntu's `slurm-wlm` and `munge` (apt-get install slurm-wlm munge) and root (slurmd
 # starts the jobs). The system's /etc/slurm and /etc/munge are not touched: the commands find this
 # cluster through SLURM_CONF. Settings: MSDN_SLURM_DIR (scratch folder) [/tmp/msdn-slurm],
-# MSDN_SLURM_PORT (slurmctld's port; slurmd takes the next one) [6817].
+# MSDN_SLURM_PORT (slurmctld's port; slurmd takes the next one) [the first free pair from 6817, so
+# that two such clusters (a CI run beside a user's) can share a machine]. The config, once written,
+# is kept: delete the folder for a fresh cluster.
 set -euo pipefail
 
 DIR=${MSDN_SLURM_DIR:-/tmp/msdn-slurm}
-PORT=${MSDN_SLURM_PORT:-6817}
 CONF=$DIR/slurm.conf
 SOCKET=$DIR/munge/munge.socket.2
 HOST=$(hostname -s)
@@ -23,8 +24,19 @@ export SLURM_CONF=$CONF
 
 alive() { [[ -f $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
+free_port_pair() {  # the first N from 6817 (step 2) where N and N+1 are both free
+    local port
+    for ((port = 6817; port < 6917; port += 2)); do
+        if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && ! (exec 3<>"/dev/tcp/127.0.0.1/$((port + 1))") 2>/dev/null; then
+            echo "$port"; return
+        fi
+    done
+    echo "slurm-local-cluster: no free port pair in 6817-6916; set MSDN_SLURM_PORT" >&2; exit 1
+}
+
 write_config() {
-    local user memory
+    local user memory PORT
+    PORT=${MSDN_SLURM_PORT:-$(free_port_pair)}
     user=$(id -un)
     # slurmd refuses a node that has less memory than configured: 90% of what the kernel reports
     memory=$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)
@@ -109,7 +121,7 @@ status() {
         else echo "${name##*/}: not running"; fi
     done
     if alive "$DIR/slurmctld.pid"; then
-        sinfo -N -o "%N %P %T %c CPUs" 2>&1 || true
+        sinfo -N -o "%N %P %T %c" 2>&1 || true
         squeue -o "%i %j %T %M %R" 2>&1 || true
         echo "export SLURM_CONF=$CONF"
     fi
