@@ -486,10 +486,10 @@ def _slurm_options(slurm_partition, slurm_time, cpus_per_task, gpus_per_task, me
 @click.option("--cache-dir", default=None, help="Store to look keys up in [default: $MSDN_CACHE_DIR].")
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False), help="Ablation folder (required).")
 @click.option("--ablation", "ablations", default=None,
-              help="Comma-separated built-in ablations, 'all' or 'none' [default: the preset's; all without --grid]. "
-                   "Names: full, ava_only, vaa_only, no_distill, no_causal, no_calibration, cf_<type>, "
-                   "test_ava, test_vaa, test_equal; --preset causal: msdn, cal, cal_factual, cal_seen, attribute, "
-                   "remove, warmup.")
+              help="Comma-separated built-in ablations, 'all' or 'none' [default: the preset's; all without --grid]: "
+                   "full, ava_only, vaa_only, no_distill, no_causal, no_calibration, cf_<type>, test_ava, test_vaa, "
+                   "test_equal. Under --preset causal the names are the causal readings instead: cal, cal_factual, "
+                   "cal_seen, attribute, remove, warmup; msdn (the baseline) always runs, 'none' runs only it.")
 @click.option("--grid", multiple=True, metavar="KEY=V1,V2",
               help="Config values to cross, e.g. --grid lambda_cal=0.05,0.1 --grid fusion=[1,0],[0.5,0.5] (repeatable).")
 @click.option("--seeds", default=None, help="Comma-separated seeds [default: the preset's, else 0,1].")
@@ -530,7 +530,8 @@ def ablate(preset, recipe, cache_path, cache_dir, out_dir, ablations, grid, seed
     if "paired_markdown" in result["paths"]:
         click.echo(result["paths"]["paired_markdown"].read_text())
     failed = int((result["runs"]["status"] == "failed").sum())
-    click.echo(f"tables: {out_dir}/results.{{md,tex,csv}}, runs.csv  ({result['seconds']:.0f} s"
+    paired = ", paired.{md,csv}" if "paired_markdown" in result["paths"] else ""
+    click.echo(f"tables: {out_dir}/results.{{md,tex,csv}}, runs.csv{paired}  ({result['seconds']:.0f} s"
                + (f"; {failed} cell(s) FAILED, see the error column of runs.csv)" if failed else ")"))
     if failed:
         raise SystemExit(1)

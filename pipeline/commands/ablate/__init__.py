@@ -17,8 +17,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pandas as pd
+
 from cache.store import resolve_cache
-from pipeline.commands.ablate.causal import chosen_weights, plan_screen, write_screen_tables
+from pipeline.commands.ablate.causal import BASELINE, chosen_weights, plan_screen, results_rows, write_screen_tables
 from pipeline.commands.ablate.grid import (
     AblationError,
     absolute_recipe,
@@ -99,6 +101,13 @@ def run_ablate(options: AblateOptions, log=print) -> dict:
     recipe = options.recipe or (preset.recipe if preset else None)
     if recipe is None or (options.cache is None and preset is None):
         raise AblationError(f"give --recipe and --cache, or --preset ({', '.join(PRESETS)})")
+    screen = bool(preset and preset.causal_weights)
+    if screen and options.grid:
+        raise AblationError("--grid does not apply to --preset causal: the screen crosses each reading with its "
+                            "own lambda_causal weights (the preset's, or --weights-from's); for a grid of your own, "
+                            "give --recipe and --cache instead of the preset")
+    if options.weights_from and not screen:
+        raise AblationError("--weights-from applies to --preset causal only (the weights a causal screen chose)")
     overrides = list(preset.overrides if preset else ()) + list(options.overrides)
     seeds = options.seeds or list(preset.seeds if preset else (0, 1))
     every = list(builtin_ablations(apply_overrides(load_recipe(recipe), overrides)))
@@ -106,10 +115,11 @@ def run_ablate(options: AblateOptions, log=print) -> dict:
     if ablations is None:
         ablations = list(preset.ablations) if preset and preset.ablations else ([] if options.grid else every)
     ablations = every if ablations == ["all"] else ([] if ablations == ["none"] else ablations)
-    if preset and preset.causal_weights:
+    if screen:
         weights = chosen_weights(options.weights_from) if options.weights_from else preset.causal_weights
+        variants = {("all",): None, ("none",): [BASELINE]}.get(tuple(options.ablations or ()), options.ablations)
         cells = plan_screen(recipe, out, weights=weights, seeds=seeds, overrides=overrides,
-                            variants=options.ablations or (list(weights) if isinstance(weights, dict) else None))
+                            variants=variants or (list(weights) if isinstance(weights, dict) else None))
         ablations = list(dict.fromkeys(c.factors["ablation"] for c in cells))
     else:
         cells = plan_cells(recipe, out, ablations=ablations, grid=options.grid, seeds=seeds, overrides=overrides)
@@ -125,7 +135,8 @@ def run_ablate(options: AblateOptions, log=print) -> dict:
     cells_to_run(cells, info["content_key"], options.overwrite)  # another run's folders: refused before the plan is written
     write_plan(cells, out)
     log(f"cache {cache}: {info['dataset']}, {info['backbone']} {info['image_size']} px")
-    caption = (f"{info['dataset']}, {info['backbone']} {info['image_size']} px, recipe {recipe}: "
+    log(f"cells: {schedule(cells)}")
+    caption = (f"{info['dataset']}, {info['backbone']} {info['image_size']} px, recipe {recipe}, {schedule(cells)}: "
                f"mean ± std over {len(seeds)} seeds (accuracies in %)")
     try:
         if on_slurm:
@@ -142,15 +153,18 @@ def run_ablate(options: AblateOptions, log=print) -> dict:
     except KeyboardInterrupt:  # the tables of what finished so far, then stop
         runs = collect_runs(cells)
         write_tables(runs, out, caption=caption + "; INTERRUPTED, unfinished cells missing")
-        if preset and preset.causal_weights:
+        if screen:
             write_screen_tables(runs, out)
         log(f"interrupted: tables of the finished cells in {out}; run the same command again to go on"
             + (" (it collects the array that keeps running)" if on_slurm else ""))
         raise
     seconds = time.perf_counter() - start
     paths = write_tables(runs, out, caption=caption)
-    if preset and preset.causal_weights:
+    if screen:
         paths.update(write_screen_tables(runs, out))
+        rows = results_rows(pd.read_csv(paths["paired"], index_col="variant"), runs)
+        log("paired.md has each reading at its chosen weight; as rows of results.md: "
+            + ", ".join(f"{k} = {v}" for k, v in rows.items() if k != v))
     previous = _read_history(out / "ablation.json")
     write_json_atomic(out / "ablation.json", {
         "preset": options.preset, "recipe": recipe, "cache": str(cache), **info, "seeds": seeds,
@@ -162,6 +176,17 @@ def run_ablate(options: AblateOptions, log=print) -> dict:
         "history": previous + [{"finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "wall_seconds": seconds,
                                 "cells_run": runs.attrs.get("cells_run")}]})
     return {"runs": runs, "paths": paths, "seconds": seconds, "cache": str(cache)}
+
+
+def schedule(cells) -> str:
+    """The cells' step schedule and precision, e.g. "800 steps, validation every 100, amp bf16"
+    (several values where a grid varies them)."""
+    def values(get) -> str:
+        return "/".join(dict.fromkeys(str(get(c.config)) for c in cells))
+
+    return (f"{values(lambda c: c.iterations)} steps, validation every {values(lambda c: c.eval_every)}, "
+            f"selection {values(lambda c: c.selection)}, amp {values(lambda c: c.amp)}"
+            + (" (auto: bf16 on CUDA, float32 on CPU)" if any(c.config.amp == "auto" for c in cells) else ""))
 
 
 def _check_launcher(options: AblateOptions) -> bool:
