@@ -88,7 +88,7 @@ def test_screen_end_to_end_on_the_tiny_cache(tmp_path):
     text = (out / "paired.md").read_text()
     assert "ΔH vs MSDN" in text and "cal_factual" in text
     # the cells' schedule and precision on the console and above the tables, not only in ablation.json
-    assert "cells: 20 steps, validation every 10, selection val, amp none" in log
+    assert log[0].endswith("; cells: 20 steps, validation every 10, selection val, amp none")
     assert "20 steps, validation every 10, selection val, amp none" in (out / "results.md").read_text().splitlines()[0]
     assert "amp none" in (out / "results.tex").read_text()
     # paired.md names a reading, results.md each weight's cells: the console says which is which

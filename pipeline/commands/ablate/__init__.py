@@ -134,8 +134,7 @@ def run_ablate(options: AblateOptions, log=print) -> dict:
     info = cache_info(cache)
     cells_to_run(cells, info["content_key"], options.overwrite)  # another run's folders: refused before the plan is written
     write_plan(cells, out)
-    log(f"cache {cache}: {info['dataset']}, {info['backbone']} {info['image_size']} px")
-    log(f"cells: {schedule(cells)}")
+    log(f"cache {cache}: {info['dataset']}, {info['backbone']} {info['image_size']} px; cells: {schedule(cells)}")
     caption = (f"{info['dataset']}, {info['backbone']} {info['image_size']} px, recipe {recipe}, {schedule(cells)}: "
                f"mean ± std over {len(seeds)} seeds (accuracies in %)")
     try:
