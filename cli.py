@@ -505,8 +505,11 @@ def _slurm_options(slurm_partition, slurm_time, cpus_per_task, gpus_per_task, me
 @click.option("--no-wait", is_flag=True, help="slurm: submit, print the job id and the command that collects, exit.")
 @click.option("--status", "status_dir", default=None, type=click.Path(exists=True, file_okay=False),
               help="Print where each cell of the ablation in this folder stands (and Slurm's queue), then exit.")
+@click.option("--cell", default=None, type=click.IntRange(min=0),
+              help="Run only cell N of the plan (0-based, plan.json's order) here, then exit: the task of a plain "
+                   "`sbatch --array` script (docs/slurm.md); the same command without --cell collects.")
 def ablate(preset, recipe, cache_path, cache_dir, out_dir, ablations, grid, seeds, overrides, workers, device, overwrite,
-           weights_from, launcher, no_wait, status_dir, **slurm):
+           weights_from, launcher, no_wait, status_dir, cell, **slurm):
     """Train a grid of variants x seeds in parallel; write mean ± std tables (CSV, Markdown, LaTeX)."""
     from pipeline.commands.ablate import AblateOptions, ablation_status, run_ablate
 
@@ -519,8 +522,10 @@ def ablate(preset, recipe, cache_path, cache_dir, out_dir, ablations, grid, seed
                             grid=list(grid), seeds=_csv(seeds, int, "--seeds", minimum=0),
                             overrides=list(overrides), workers=workers, device=device, overwrite=overwrite,
                             weights_from=weights_from, cache_dir=cache_dir, launcher=launcher,
-                            slurm=_slurm_options(**slurm), wait=not no_wait)
+                            slurm=_slurm_options(**slurm), wait=not no_wait, cell=cell)
     result = run_ablate(options, log=lambda msg: click.echo(msg, err=True))  # Ctrl-C keeps finished cells
+    if cell is not None:
+        return
     if not options.wait:
         again = shlex.join(["msdn", *(a for a in sys.argv[1:] if a != "--no-wait")])
         click.echo(f"slurm job {result['job_id']} submitted" if result["job_id"] else "nothing to submit")

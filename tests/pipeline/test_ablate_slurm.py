@@ -5,6 +5,7 @@ imports submitit."""
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 
@@ -121,6 +122,24 @@ def test_refusals_come_before_anything_is_submitted(tmp_path):
     assert done.returncode != 0 and done.stderr.strip().splitlines() == [
         "Error: --launcher slurm: sbatch not found on PATH (run on a machine that submits to Slurm)"]
     assert not (tmp_path / "ab").exists()
+
+
+@needs_slurm
+def test_a_plain_sbatch_array_of_cell_tasks_then_the_same_command_collects(tmp_path):
+    """docs/slurm.md's way without submitit: `--cell $SLURM_ARRAY_TASK_ID` in an sbatch --array script."""
+    write_tiny_cache(tmp_path / "tiny.h5")
+    args = ["--recipe", "demo", "--cache", "tiny.h5", "--out", "ab", "--ablation", "full", "--seeds", "0,1",
+            *sets(QUICK), "--device", "cpu"]
+    (tmp_path / "cells.sbatch").write_text("#!/bin/bash\n#SBATCH --array=0-1\n#SBATCH --output=cell-%a.log\n"
+                                           f"msdn ablate {shlex.join(args)} --cell $SLURM_ARRAY_TASK_ID\n")
+    subprocess.run(["sbatch", "--wait", "--quiet", "cells.sbatch"], cwd=tmp_path, check=True, timeout=300)
+    assert "(full seed 1): H " in (tmp_path / "cell-1.log").read_text()
+    assert json.loads((tmp_path / "ab" / "full" / "seed1" / "cell.json").read_text())["slurm"]["task"].endswith("_1")
+    collect = msdn(*args, "--workers", "1", cwd=tmp_path)
+    assert collect.returncode == 0, collect.stderr
+    assert "2 cells: 2 finished before, 0 to run" in collect.stderr and "| full |" in collect.stdout
+    beyond = msdn(*args, "--cell", "2", cwd=tmp_path)
+    assert beyond.returncode != 0 and "--cell 2: the plan has 2 cells (0-1)" in beyond.stderr
 
 
 def test_the_local_launcher_never_imports_submitit(tmp_path):

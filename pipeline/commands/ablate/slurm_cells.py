@@ -18,6 +18,7 @@ import socket
 import time
 from pathlib import Path
 
+from cache.errors import UserError
 from pipeline.commands.ablate.grid import Cell, cell_record, cells_to_run
 from pipeline.commands.ablate.record import CELL_FILE, end_cell, read_json, start_record
 from pipeline.commands.ablate.workers import train_cell
@@ -29,7 +30,7 @@ FOLDER = "slurm"
 ARRAYS = "arrays.json"
 
 
-class CellFailed(RuntimeError):
+class CellFailed(UserError, RuntimeError):
     """A cell that failed on its node (its reason is in cell.json); fails the Slurm task too."""
 
 

@@ -9,6 +9,7 @@ be asked, that is said and the disk's word stands.
 """
 from __future__ import annotations
 
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -21,10 +22,13 @@ PLAN = "plan.json"
 
 
 def write_plan(cells: list[Cell], out: Path) -> None:
+    """plan.json: every cell in plan order (--cell N's N). Several `--cell` tasks may write it at
+    once, so each through a temporary file of its own."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / PLAN, {"cells": [{"dir": str(c.dir.resolve().relative_to(out.resolve())),
-                                              "variant": c.variant, "seed": c.seed} for c in cells]})
+    plan = {"cells": [{"dir": str(c.dir.resolve().relative_to(out.resolve())), "variant": c.variant, "seed": c.seed}
+                      for c in cells]}
+    os.replace(write_json_atomic(out / f".{PLAN}.{os.getpid()}", plan), out / PLAN)
 
 
 def ablation_status(out: str | Path) -> list[str]:
