@@ -114,10 +114,13 @@ def run_one_cell(options: AblateOptions, plan: Plan, out: Path, log) -> dict:
     if not 0 <= options.cell < len(plan.cells):
         raise AblationError(f"--cell {options.cell}: the plan has {len(plan.cells)} cells (0-{len(plan.cells) - 1})")
     if options.cache is None:  # every task would extract it at once: a preset's cache must exist first
-        cache = out / f"{plan.preset.dataset}_{PRESET_BACKBONE}_{plan.preset.image_size}.h5"
+        preset = plan.preset
+        cache = out / f"{preset.dataset}_{PRESET_BACKBONE}_{preset.image_size}.h5"
         if not cache.is_file():
-            raise AblationError(f"--cell: {cache} is not extracted yet; run the same command once without "
-                                "--cell and Ctrl-C it after the extraction, or pass --cache")
+            data = f" --data-root {out / 'data'}" if preset.demo_data else ""
+            raise AblationError(f"--cell: the preset's cache {cache} is not there yet; extract it once first: msdn "
+                                f"extract --dataset {preset.dataset} --backbone {PRESET_BACKBONE} --image-size "
+                                f"{preset.image_size}{data} --out {cache}")
     else:
         cache = resolve_cache(options.cache, options.cache_dir).resolve()
     info = cache_info(cache)
