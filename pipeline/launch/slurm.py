@@ -8,7 +8,9 @@ Checkpointable wrapper below), up to 3 times for time limits: it is pending agai
 
 States come from the queue (squeue: pending / running) and, once a task has left it, from the result
 file submitit writes when the call returns or raises (done / failed). A task that left the queue
-without one (scancel, killed by the node) is failed. Slurm's accounting database (sacct) is not needed.
+without one (scancel, killed by the node) is failed, after a grace of RESULT_GRACE_S when this handle
+saw it leave (a shared filesystem may show the node's file late). Slurm's accounting database
+(sacct) is not needed.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from pipeline.launch import LaunchError, SlurmOptions, Task, counts, run_task
+from pipeline.launch import LaunchError, SlurmOptions, Task, run_task, wait_until_ended
 
 try:
     import submitit
@@ -34,6 +36,7 @@ except ImportError:  # the launcher says so when asked for (SlurmLauncher), not 
 NODE_LOCAL = ("/tmp", "/dev/shm")  # folders that every node has its own copy of
 PENDING = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "RESIZING", "SUSPENDED"}
 QUERY_SECONDS = 60
+RESULT_GRACE_S = 10.0  # how long a task that left the queue may take to show its result file here
 NO_LIMIT_MINUTES = 365 * 24 * 60  # a partition without a time limit: asked for a year, so that
 # submitit's requeue logic (which compares the run time with the request) reads a signal as preemption
 
@@ -178,18 +181,22 @@ class SlurmLauncher:
 class SlurmLaunch:
     def __init__(self, job_id: str, names: list[str], task_ids: list[str], folder: Path):
         self.job_id, self.names, self.task_ids, self.folder = job_id, list(names), list(task_ids), Path(folder)
+        self._left: dict[str, float | None] = {}  # task id -> when this handle saw it leave the queue (None: in it)
 
     def task_log(self, index: int) -> Path:
         """The task's stderr as submitit writes it (tracebacks of a task that died land there)."""
         return self.folder / f"{self.task_ids[index]}_0_log.err"
 
     def _outcome(self, index: int) -> str:
-        path = self.folder / f"{self.task_ids[index]}_0_result.pkl"
+        task = self.task_ids[index]
         try:
-            with path.open("rb") as file:
+            with (self.folder / f"{task}_0_result.pkl").open("rb") as file:
                 tag = pickle.load(file)[0]
         except (OSError, EOFError, pickle.UnpicklingError, IndexError, TypeError):
-            return "failed"  # left the queue without a result: cancelled, or killed on its node
+            # no result: cancelled, or killed on its node; unless the task only just left the queue and
+            # the file the node wrote is not yet visible here (a shared filesystem's attribute cache)
+            left = self._left.get(task)
+            return "running" if left is not None and time.monotonic() - left < RESULT_GRACE_S else "failed"
         return "done" if tag == "success" else "failed"
 
     def states(self) -> dict[str, str]:
@@ -199,22 +206,16 @@ class SlurmLaunch:
         states = {}
         for index, (name, task) in enumerate(zip(self.names, self.task_ids)):
             if task in queue:
+                self._left[task] = None
                 states[name] = "pending" if queue[task] in PENDING else "running"
             else:
+                if task in self._left and self._left[task] is None:
+                    self._left[task] = time.monotonic()
                 states[name] = self._outcome(index)
         return states
 
     def wait(self, on_change: Callable[[dict], None] | None = None, poll_seconds: float = 5.0) -> dict[str, str]:
-        last = None
-        while True:
-            states = self.states()
-            now = counts(states)
-            if now != last and on_change is not None:
-                on_change(now)
-            last = now
-            if not now["running"] and not now["pending"]:
-                return states
-            time.sleep(poll_seconds)
+        return wait_until_ended(self.states, on_change, poll_seconds)
 
     def cancel(self) -> None:
         _slurm("scancel", self.job_id)

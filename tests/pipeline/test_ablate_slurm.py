@@ -109,6 +109,7 @@ def test_refusals_come_before_anything_is_submitted(tmp_path):
         (dict(workers=2, **slurm), "--workers applies to --launcher local"),
         (dict(slurm=SlurmOptions(partition="debug")), "apply to --launcher slurm only"),
         (dict(wait=False), "--no-wait applies to --launcher slurm only"),
+        (dict(cell=0, **slurm), "--cell runs one cell in this process"),
     ]
     for extra, message in cases:
         options = AblateOptions(**{**dict(out=str(tmp_path / "ab"), recipe="demo", cache=str(tmp_path / "tiny.h5"),
@@ -153,3 +154,8 @@ def test_the_local_launcher_never_imports_submitit(tmp_path):
     done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert pd.read_csv(tmp_path / "ab" / "runs.csv")["status"].tolist() == ["done"]
+    status = ablation_status(tmp_path / "ab")  # --status reads a local ablation too; no queue to ask
+    assert status[0] == f"{tmp_path / 'ab'}: 1 cells: 1 done" and re.fullmatch(r"  full seed 0: done \(H [\d.]+\)",
+                                                                               status[1]) and len(status) == 2
+    with pytest.raises(UserError, match="not an ablation folder"):
+        ablation_status(tmp_path)

@@ -29,7 +29,7 @@ from pipeline.commands.ablate.record import CELL_FILE, end_cell, read_json, star
 from pipeline.commands.ablate.workers import Worker
 from pipeline.config import ConfigError, TrainConfig, apply_overrides, load_recipe
 from pipeline.metrics import SCORES
-from pipeline.runlog import to_jsonable, write_json_atomic
+from pipeline.runlog import to_jsonable
 
 # The causal setting of the "full" model when the recipe trains plain MSDN (lambda_causal = 0): the
 # reading and weight that the CUB-100 causal screen chose on validation (results/causal/cub100_224,

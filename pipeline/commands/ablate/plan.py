@@ -135,6 +135,9 @@ def check_launcher(options: AblateOptions) -> bool:
     if options.launcher not in ("local", "slurm"):
         raise AblationError(f"--launcher {options.launcher!r}: expected local or slurm")
     if options.launcher == "slurm":
+        if options.cell is not None:
+            raise AblationError("--cell runs one cell in this process (a task of your own sbatch script); "
+                                "it does not go with --launcher slurm")
         if options.workers is not None:
             raise AblationError("--workers applies to --launcher local; on Slurm use --array-parallelism")
         return True
@@ -143,6 +146,8 @@ def check_launcher(options: AblateOptions) -> bool:
                             "options apply to --launcher slurm only")
     if not options.wait:
         raise AblationError("--no-wait applies to --launcher slurm only")
+    if options.cell is not None and options.workers is not None:
+        raise AblationError("--workers does not go with --cell (one cell, in this process)")
     return False
 
 
