@@ -4,6 +4,7 @@ from __future__ import annotations
 import gc
 import math
 import os
+import shlex
 import sys
 
 # OpenMP threads that wait by spinning burn the cores a neighbour needs, and a spinner descheduled
@@ -483,12 +484,13 @@ def _launcher_options(command):
                      help="Where the tasks run: processes on this machine, or ONE Slurm job array (submitit; "
                           "pip install \"msdn-zsl[slurm]\"). Output folder and cache must be on a shared filesystem."),
         click.option("--slurm-partition", default=None, help="slurm: partition [default: the cluster's default]."),
-        click.option("--slurm-time", default=None, help="slurm: time limit per task, Slurm's format (90, 1:30:00)."),
+        click.option("--slurm-time", default=None, help="slurm: time limit per task, Slurm's format (90, 1:30:00) "
+                     "[default: the partition's default time, else its maximum]."),
         click.option("--cpus-per-task", default=1, show_default=True, type=click.IntRange(min=1), help="slurm: CPUs per task."),
         click.option("--gpus-per-task", default=0, show_default=True, type=click.IntRange(min=0), help="slurm: GPUs per task."),
         click.option("--mem", default=None, help="slurm: memory per task (8G)."),
         click.option("--array-parallelism", default=None, type=click.IntRange(min=1),
-                     help="slurm: tasks of the array running at once [default: Slurm's]."),
+                     help="slurm: tasks of the array running at once [default: no limit but the cluster's]."),
         click.option("--slurm-option", "slurm_extra", multiple=True, metavar="KEY=VALUE",
                      help="slurm: any other sbatch option, e.g. account=lab, qos=short (repeatable)."),
     ]
@@ -516,12 +518,12 @@ def _slurm_options(slurm_partition, slurm_time, cpus_per_task, gpus_per_task, me
 @click.option("--cache", "cache_path", default=None,
               help="Feature cache: a .h5 file or a store key [default: the preset's, extracted into --out].")
 @click.option("--cache-dir", default=None, help="Store to look keys up in [default: $MSDN_CACHE_DIR].")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Ablation folder.")
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False), help="Ablation folder (required).")
 @click.option("--ablation", "ablations", default=None,
-              help="Comma-separated built-in ablations, 'all' or 'none' [default: the preset's; all without --grid]. "
-                   "Names: full, ava_only, vaa_only, no_distill, no_causal, no_calibration, cf_<type>, "
-                   "test_ava, test_vaa, test_equal; --preset causal: msdn, cal, cal_factual, cal_seen, attribute, "
-                   "remove, warmup.")
+              help="Comma-separated built-in ablations, 'all' or 'none' [default: the preset's; all without --grid]: "
+                   "full, ava_only, vaa_only, no_distill, no_causal, no_calibration, cf_<type>, test_ava, test_vaa, "
+                   "test_equal. Under --preset causal the names are the causal readings instead: cal, cal_factual, "
+                   "cal_seen, attribute, remove, warmup; msdn (the baseline) always runs, 'none' runs only it.")
 @click.option("--grid", multiple=True, metavar="KEY=V1,V2",
               help="Config values to cross, e.g. --grid lambda_cal=0.05,0.1 --grid fusion=[1,0],[0.5,0.5] (repeatable).")
 @click.option("--seeds", default=None, help="Comma-separated seeds [default: the preset's, else 0,1].")
@@ -534,21 +536,42 @@ def _slurm_options(slurm_partition, slurm_time, cpus_per_task, gpus_per_task, me
               help="--preset causal: train each variant at the weight that this earlier screen's paired.csv "
                    "chose on validation (a confirmation run) instead of the weight grid.")
 @QUIET
+@_launcher_options
+@click.option("--no-wait", is_flag=True, help="slurm: submit, print the job id and the command that collects, exit.")
+@click.option("--status", "status_dir", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Print where each cell of the ablation in this folder stands (and Slurm's queue), then exit.")
+@click.option("--cell", default=None, type=click.IntRange(min=0),
+              help="Run only cell N of the plan (0-based, plan.json's order) here, then exit: the task of a plain "
+                   "`sbatch --array` script (docs/slurm.md); the same command without --cell collects.")
 def ablate(preset, recipe, cache_path, cache_dir, out_dir, ablations, grid, seeds, overrides, workers, device, overwrite,
-           weights_from, quiet):
+           weights_from, quiet, launcher, no_wait, status_dir, cell, **slurm):
     """Train a grid of variants x seeds in parallel; write mean ± std tables (CSV, Markdown, LaTeX)."""
-    from pipeline.commands.ablate import AblateOptions, run_ablate
+    from pipeline.commands.ablate import AblateOptions, ablation_status, run_ablate
 
+    if status_dir is not None:
+        click.echo("\n".join(ablation_status(status_dir)))
+        return
+    if out_dir is None:
+        raise click.UsageError("Missing option '--out'.")
     options = AblateOptions(out=out_dir, recipe=recipe, cache=cache_path, preset=preset, ablations=_csv(ablations),
                             grid=list(grid), seeds=_csv(seeds, int, "--seeds", minimum=0),
                             overrides=list(overrides), workers=workers, device=device, overwrite=overwrite,
-                            weights_from=weights_from, cache_dir=cache_dir)
+                            weights_from=weights_from, cache_dir=cache_dir, launcher=launcher,
+                            slurm=_slurm_options(**slurm), wait=not no_wait, cell=cell)
     result = run_ablate(options, log=_stderr(quiet))  # Ctrl-C keeps finished cells
+    if cell is not None:
+        return
+    if not options.wait:
+        again = shlex.join(["msdn", *(a for a in sys.argv[1:] if a != "--no-wait")])
+        click.echo(f"slurm job {result['job_id']} submitted" if result["job_id"] else "nothing to submit")
+        click.echo(f"follow it: msdn ablate --status {result['out']}\ncollect:   {again}")
+        return
     click.echo(result["paths"]["markdown"].read_text())
     if "paired_markdown" in result["paths"]:
         click.echo(result["paths"]["paired_markdown"].read_text())
     failed = int((result["runs"]["status"] == "failed").sum())
-    click.echo(f"tables: {out_dir}/results.{{md,tex,csv}}, runs.csv  ({result['seconds']:.0f} s"
+    paired = ", paired.{md,csv}" if "paired_markdown" in result["paths"] else ""
+    click.echo(f"tables: {out_dir}/results.{{md,tex,csv}}, runs.csv{paired}  ({result['seconds']:.0f} s"
                + (f"; {failed} cell(s) FAILED, see the error column of runs.csv)" if failed else ")"))
     if failed:
         raise SystemExit(1)

@@ -106,7 +106,8 @@ def to_latex(display: pd.DataFrame, caption: str | None = None, raw_columns=None
 
 
 def write_tables(runs: pd.DataFrame, out_dir: str | Path, *, by="variant", caption: str | None = None) -> dict:
-    """runs.csv (every run), results.csv (mean/std per group, unrounded), results.md, results.tex."""
+    """runs.csv (every run), results.csv (mean/std per group, unrounded), results.md, results.tex
+    (`caption` above the Markdown table and as the LaTeX table's caption)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     agg = aggregate(runs, by)
@@ -114,6 +115,6 @@ def write_tables(runs: pd.DataFrame, out_dir: str | Path, *, by="variant", capti
              "markdown": out_dir / "results.md", "latex": out_dir / "results.tex"}
     runs.to_csv(paths["runs"], index=False)
     agg.to_csv(paths["results"])
-    paths["markdown"].write_text(to_markdown(display_frame(agg)))
+    paths["markdown"].write_text((f"{caption}\n\n" if caption else "") + to_markdown(display_frame(agg)))
     paths["latex"].write_text(to_latex(display_frame(agg, latex=True), caption=caption))
     return paths

@@ -85,6 +85,21 @@ def counts(states: dict[str, str]) -> dict[str, int]:
     return {state: seen.get(state, 0) for state in ("done", "running", "pending", "failed")}
 
 
+def wait_until_ended(states: Callable[[], dict[str, str]], on_change=None, poll_seconds: float = 1.0) -> dict[str, str]:
+    """Launch.wait for any launcher: poll `states()` until no task is pending or running,
+    calling on_change(counts) whenever the counts change; returns the last states."""
+    last = None
+    while True:
+        now_states = states()
+        now = counts(now_states)
+        if now != last and on_change is not None:
+            on_change(now)
+        last = now
+        if not now["running"] and not now["pending"]:
+            return now_states
+        time.sleep(poll_seconds)
+
+
 # ----------------------------------------------------------------------------- local processes
 class LocalLaunch:
     """Tasks in spawned processes, at most `workers` at once (spawned, not forked: CUDA cannot be
@@ -118,16 +133,7 @@ class LocalLaunch:
         return {n: self._finished.get(n) or ("running" if n in self._running else "pending") for n in self._names}
 
     def wait(self, on_change=None, poll_seconds: float = 1.0) -> dict[str, str]:
-        last = None
-        while True:
-            states = self.states()
-            now = counts(states)
-            if now != last and on_change is not None:
-                on_change(now)
-            last = now
-            if not now["running"] and not now["pending"]:
-                return states
-            time.sleep(poll_seconds)
+        return wait_until_ended(self.states, on_change, poll_seconds)
 
     def cancel(self) -> None:
         self._queue.clear()

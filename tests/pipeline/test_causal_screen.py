@@ -2,6 +2,8 @@
 the weight chosen on validation and the paired differences to MSDN, by hand and end to end on the
 tiny cache (real `msdn train` workers)."""
 import math
+import re
+import subprocess
 
 import pandas as pd
 import pytest
@@ -73,9 +75,10 @@ def test_weight_is_chosen_on_validation_and_differences_are_paired():
 def test_screen_end_to_end_on_the_tiny_cache(tmp_path):
     write_tiny_cache(tmp_path / "tiny.h5")
     out = tmp_path / "screen"
+    log = []
     result = run_ablate(AblateOptions(out=str(out), preset="causal", recipe="demo", cache=str(tmp_path / "tiny.h5"),
                                       ablations=["msdn", "cal_factual", "remove"], seeds=[0, 1],
-                                      overrides=QUICK + ["amp=none"], workers=2, device="cpu"), log=lambda m: None)
+                                      overrides=QUICK + ["amp=none"], workers=2, device="cpu"), log=log.append)
     runs = result["runs"]
     assert len(runs) == 2 * (1 + 2 * 2) and runs["status"].eq("done").all()
     assert runs["val_H"].notna().all()
@@ -84,6 +87,15 @@ def test_screen_end_to_end_on_the_tiny_cache(tmp_path):
     assert paired.loc["remove", "lambda_causal"] in (0.03, 0.3) and paired["seeds"].eq(2).all()
     text = (out / "paired.md").read_text()
     assert "ΔH vs MSDN" in text and "cal_factual" in text
+    # the cells' schedule and precision on the console and above the tables, not only in ablation.json
+    assert log[0].endswith("; cells: 20 steps, validation every 10, selection val, amp none")
+    assert "20 steps, validation every 10, selection val, amp none" in (out / "results.md").read_text().splitlines()[0]
+    assert "amp none" in (out / "results.tex").read_text()
+    # paired.md names a reading, results.md each weight's cells: the console says which is which
+    weight = paired.loc["remove", "lambda_causal"]
+    mapping = next(line for line in log if line.startswith("paired.md has each reading at its chosen weight"))
+    assert f"remove = remove|lambda_causal={weight:g}" in mapping
+    assert f"remove|lambda_causal={weight:g}" in pd.read_csv(out / "results.csv", index_col=0).index
 
 
 def test_a_confirmation_trains_each_variant_at_the_weight_its_screen_chose(tmp_path):
@@ -101,3 +113,42 @@ def test_a_confirmation_trains_each_variant_at_the_weight_its_screen_chose(tmp_p
     (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
     with pytest.raises(AblationError, match="not a causal screen's paired.csv"):
         chosen_weights(tmp_path / "bad.csv")
+
+
+def test_options_the_screen_would_ignore_are_errors_before_anything_runs(tmp_path):
+    write_tiny_cache(tmp_path / "tiny.h5")
+    paired = tmp_path / "paired.csv"
+    pd.DataFrame({"variant": [BASELINE, "remove"], "lambda_causal": [0.0, 0.3]}).to_csv(paired, index=False)
+    common = dict(out=str(tmp_path / "screen"), recipe="demo", cache=str(tmp_path / "tiny.h5"), device="cpu")
+    cases = [
+        (dict(preset="causal", grid=["lambda_cal=0.05,0.1"]), "--grid does not apply to --preset causal"),
+        (dict(weights_from=str(paired), ablations=["full"]), "--weights-from applies to --preset causal only"),
+        (dict(preset="causal", weights_from=str(paired), ablations=["no_causal"]), "unknown ablation(s) ['no_causal']"),
+        (dict(preset="causal", weights_from=str(paired), ablations=["remvoe"]), "unknown ablation(s) ['remvoe']"),
+        (dict(preset="causal", ablations=["full"]), "unknown ablation(s) ['full']"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(AblationError, match=re.escape(message)):
+            run_ablate(AblateOptions(**common, **extra), log=lambda m: None)
+    assert not (tmp_path / "screen").exists()
+    # a reading the screen did not choose a weight for is still "no chosen weight"
+    with pytest.raises(AblationError, match="no chosen weight for variant 'cal'"):
+        run_ablate(AblateOptions(**common, preset="causal", weights_from=str(paired), ablations=["cal"]))
+
+
+def test_help_separates_the_name_sets_and_the_last_line_names_the_paired_tables(tmp_path):
+    from click.testing import CliRunner
+
+    from cli import main
+
+    text = " ".join(CliRunner().invoke(main, ["ablate", "--help"]).output.split())
+    assert "Under --preset causal the names are the causal readings instead: cal, cal_factual" in text
+    assert "msdn (the baseline) always runs, 'none' runs only it" in text
+    write_tiny_cache(tmp_path / "tiny.h5")
+    sets = [a for q in QUICK + ["amp=none"] for a in ("--set", q)]
+    done = subprocess.run(["msdn", "ablate", "--preset", "causal", "--recipe", "demo", "--cache", "tiny.h5",
+                           "--out", "screen", "--ablation", "none", "--seeds", "0", *sets, "--workers", "1",
+                           "--device", "cpu"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1].startswith("tables: screen/results.{md,tex,csv}, runs.csv, paired.{md,csv}")
+    assert pd.read_csv(tmp_path / "screen" / "runs.csv")["ablation"].tolist() == [BASELINE]

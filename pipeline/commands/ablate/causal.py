@@ -46,7 +46,11 @@ def plan_screen(recipe: str, out_dir: str | Path, *, weights, seeds, overrides=(
     screen has whole seeds finished, so its paired table is usable. `weights`: a grid for every
     variant, or {variant: weight} (a confirmation at weights an earlier screen chose)."""
     registry = causal_variants()
-    names = [n for n in (variants or registry) if n != BASELINE]
+    unknown = [n for n in (variants or ()) if n not in registry]
+    if unknown:  # before the weights: a misspelt or non-causal name is not a missing weight
+        raise AblationError(f"unknown ablation(s) {unknown}; --preset causal runs {BASELINE} (always) and the "
+                            f"readings {', '.join(n for n in registry if n != BASELINE)}")
+    names = [n for n in (registry if variants is None else variants) if n != BASELINE]
     cells = plan_cells(recipe, out_dir, ablations=[BASELINE], seeds=seeds, overrides=overrides, registry=registry)
     for name in names:
         if isinstance(weights, dict) and name not in weights:
@@ -133,6 +137,19 @@ def _signed(mean: float, std: float) -> str:
     if mean is None or math.isnan(mean):
         return "-"
     return f"{mean:+.2f}" + ("" if std is None or math.isnan(std) else f" ± {std:.2f}")
+
+
+def results_rows(table: pd.DataFrame, runs: pd.DataFrame) -> dict[str, str]:
+    """{paired.md row: the results.md row of the same cells}: paired.md names a reading ("attribute")
+    and gives its chosen weight in a column; results.md names each weight's cells
+    ("attribute|lambda_causal=0.3")."""
+    rows = {}
+    for name, weight in table[WEIGHT_KEY].items():
+        same = runs["ablation"].eq(name)
+        if name != BASELINE:
+            same &= pd.to_numeric(runs[WEIGHT_KEY], errors="coerce").eq(weight)
+        rows[name] = runs.loc[same, "variant"].iloc[0] if same.any() else name
+    return rows
 
 
 def write_screen_tables(runs: pd.DataFrame, out_dir: str | Path) -> dict:

@@ -25,16 +25,16 @@ from pathlib import Path
 import pandas as pd
 
 from cache.errors import UserError
+from pipeline.commands.ablate.record import CELL_FILE, end_cell, read_json, start_record
 from pipeline.commands.ablate.workers import Worker
 from pipeline.config import ConfigError, TrainConfig, apply_overrides, load_recipe
 from pipeline.metrics import SCORES
-from pipeline.runlog import to_jsonable, write_json_atomic
+from pipeline.runlog import to_jsonable
 
 # The causal setting of the "full" model when the recipe trains plain MSDN (lambda_causal = 0): the
 # reading and weight that the CUB-100 causal screen chose on validation (results/causal/cub100_224,
 # docs/results.md, "Does the causal attention help?"), not a fixed CAL weight.
 VALIDATED_CAUSAL = {"lambda_causal": 0.3, "causal_level": "attribute"}
-CELL_FILE = "cell.json"
 SCORE_COLUMNS = SCORES  # percent in runs.csv
 RUN_COLUMNS = ("variant", "seed", "status", *SCORE_COLUMNS, "gamma", "iteration", "val_H", "val_ZSL", "train_s",
                "wall_s", "cpu_s", "error", "dir")
@@ -155,20 +155,13 @@ def _normalised(config: TrainConfig) -> dict:
 
 def cell_state(cell: Cell, content_key: str | None) -> str:
     """"finished" (same config and cache), "conflict" (the folder holds another run) or "todo"."""
-    meta = _read_json(cell.dir / CELL_FILE)
+    meta = read_json(cell.dir / CELL_FILE)
     ours = meta is not None and meta.get("config") == _normalised(cell.config) and meta.get("content_key") == content_key
     if (cell.dir / "summary.json").is_file():
         return "finished" if ours else "conflict"
     if (cell.dir / "config.json").is_file() and meta is None:
         return "conflict"  # a run folder that no ablation made
     return "todo"
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 # ----------------------------------------------------------------------------- running
@@ -200,18 +193,27 @@ def train_command(cell: Cell, recipe: str, cache: Path, device: str) -> list[str
             *sets, "--device", device, "--quiet", "--overwrite"]
 
 
-def run_cells(cells: list[Cell], cache: str | Path, *, recipe: str, cache_info: dict, slots: list[dict],
-              overwrite: bool = False, log=print) -> pd.DataFrame:
-    """Run every unfinished cell (len(slots) at a time), then return the runs frame (collect_runs).
-    `cache_info`: {"content_key", ...} describing the cache, recorded in every cell.json."""
-    cache, content_key = Path(cache).resolve(), cache_info["content_key"]
-    recipe = str(Path(recipe).resolve()) if recipe.endswith(".toml") else recipe
+def absolute_recipe(recipe: str) -> str:
+    """A recipe file as an absolute path (a cell must not depend on the shell's folder); names stay."""
+    return str(Path(recipe).resolve()) if recipe.endswith(".toml") else recipe
+
+
+def cells_to_run(cells: list[Cell], content_key: str, overwrite: bool) -> list[Cell]:
+    """The cells that are not finished; a folder holding another run is an error unless `overwrite`."""
     states = {id(c): cell_state(c, content_key) for c in cells}
     conflicts = [c for c in cells if states[id(c)] == "conflict"]
     if conflicts and not overwrite:
         raise AblationError(f"{conflicts[0].dir}: holds a run of another config or cache ({len(conflicts)} cell(s) "
                             "like it); use another --out, or --overwrite to redo them")
-    todo = [c for c in cells if states[id(c)] != "finished"]
+    return [c for c in cells if states[id(c)] != "finished"]
+
+
+def run_cells(cells: list[Cell], cache: str | Path, *, recipe: str, cache_info: dict, slots: list[dict],
+              overwrite: bool = False, log=print) -> pd.DataFrame:
+    """Run every unfinished cell (len(slots) at a time), then return the runs frame (collect_runs).
+    `cache_info`: {"content_key", ...} describing the cache, recorded in every cell.json."""
+    cache, recipe = Path(cache).resolve(), absolute_recipe(recipe)
+    todo = cells_to_run(cells, cache_info["content_key"], overwrite)
     log(f"{len(cells)} cells: {len(cells) - len(todo)} finished before, {len(todo)} to run on {len(slots)} worker(s)")
     workers = [(slot, Worker(slot["env"])) for slot in slots]
     free, done, stopping, lock = queue.Queue(), [], threading.Event(), threading.Lock()
@@ -257,27 +259,24 @@ def run_cells(cells: list[Cell], cache: str | Path, *, recipe: str, cache_info: 
 
 def _run_cell(cell: Cell, cache: Path, recipe: str, cache_info: dict, device: str, worker: Worker,
               stopping: threading.Event) -> str:
-    cell.dir.mkdir(parents=True, exist_ok=True)
-    meta = {"variant": cell.variant, "seed": cell.seed, "description": cell.description, "factors": cell.factors,
-            "overrides": cell.overrides, "config": _normalised(cell.config), "cache": str(cache), **cache_info,
-            "command": train_command(cell, recipe, cache, device), "status": "running"}
-    write_json_atomic(cell.dir / CELL_FILE, meta)
-    (cell.dir / "summary.json").unlink(missing_ok=True)
+    meta = begin_cell(cell, cache, recipe, cache_info, device)
     start = time.perf_counter()
     status, error, cpu = worker.run({"recipe": recipe, "overrides": cell.overrides, "cache": str(cache),
                                      "dir": str(cell.dir), "device": device})
-    meta["wall_seconds"], meta["cpu_seconds"] = time.perf_counter() - start, cpu
-    if status == "done" and (cell.dir / "summary.json").is_file():
-        meta["status"] = "done"
-        summary = json.loads((cell.dir / "summary.json").read_text())
-        text = f"H {100 * summary['test']['H']:.2f} ({meta['wall_seconds']:.0f} s, {cpu:.0f} s CPU)"
-    elif stopping.is_set():  # Ctrl-C: not the cell's fault; the next run redoes it
-        meta["status"], text = "interrupted", "interrupted"
-    else:
-        meta["status"], meta["error"] = "failed", error or "no summary.json written"
-        text = f"FAILED: {meta['error']}"
-    write_json_atomic(cell.dir / CELL_FILE, meta)
-    return text
+    return end_cell(cell.dir, meta, status, error, cpu, time.perf_counter() - start, interrupted=stopping.is_set())
+
+
+def cell_record(cell: Cell, cache: Path, recipe: str, cache_info: dict, device: str, status: str) -> dict:
+    """What cell.json holds about a cell before it ends (end_cell adds timing, status, error)."""
+    return {"variant": cell.variant, "seed": cell.seed, "description": cell.description, "factors": cell.factors,
+            "overrides": cell.overrides, "config": _normalised(cell.config), "cache": str(cache), **cache_info,
+            "command": train_command(cell, recipe, cache, device), "status": status}
+
+
+def begin_cell(cell: Cell, cache: Path, recipe: str, cache_info: dict, device: str) -> dict:
+    meta = cell_record(cell, cache, recipe, cache_info, device, "running")
+    start_record(cell.dir, meta)
+    return meta
 
 
 def collect_runs(cells: list[Cell]) -> pd.DataFrame:
@@ -285,12 +284,12 @@ def collect_runs(cells: list[Cell]) -> pd.DataFrame:
     gamma, selected iteration, training seconds, the cell's wall and CPU seconds, error text, folder."""
     rows = []
     for cell in cells:
-        meta = _read_json(cell.dir / CELL_FILE) or {}
+        meta = read_json(cell.dir / CELL_FILE) or {}
         row = {**cell.factors, "variant": cell.variant, "seed": cell.seed, "description": cell.description,
                "status": meta.get("status", "not run"), "wall_s": meta.get("wall_seconds"),
                "cpu_s": meta.get("cpu_seconds"),
                "error": meta.get("error", ""), "dir": str(cell.dir)}
-        summary = _read_json(cell.dir / "summary.json") if row["status"] == "done" else None
+        summary = read_json(cell.dir / "summary.json") if row["status"] == "done" else None
         if summary is not None:
             test = summary["test"]
             row.update({k: 100 * test[k] for k in SCORE_COLUMNS}, gamma=test["gamma"], iteration=test["iteration"],

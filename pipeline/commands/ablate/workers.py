@@ -24,21 +24,28 @@ def worker_main(conn, env: dict) -> None:
     os.environ.update(env)  # before torch is imported: CUDA_VISIBLE_DEVICES, OMP_NUM_THREADS
     import torch
 
-    from pipeline.config import apply_overrides, load_recipe
-    from pipeline.train import train
-
     if "OMP_NUM_THREADS" in env:
         torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
     while (job := conn.recv()) is not None:
-        status, error, cpu = "done", "", time.process_time()
-        with _output_to(Path(job["dir"]) / "stderr.log"):
-            try:
-                config = apply_overrides(load_recipe(job["recipe"]), job["overrides"])
-                train(config, job["cache"], job["dir"], device=job["device"], progress=False, overwrite=True)
-            except Exception as err:  # noqa: BLE001 - any failure of a cell is reported, the worker goes on
-                traceback.print_exc()
-                status, error = "failed", f"{type(err).__name__}: {err}".splitlines()[0]
-        conn.send((status, error, time.process_time() - cpu))
+        conn.send(train_cell(job))
+
+
+def train_cell(job: dict) -> tuple[str, str, float]:
+    """One cell in this process, as `msdn train` would: ("done", "", CPU s) or ("failed", one-line
+    error, CPU s); its output (warnings, the traceback) goes to <dir>/stderr.log. A local worker
+    and a Slurm array task (slurm_cells.run_cell) both call this."""
+    from pipeline.config import apply_overrides, load_recipe
+    from pipeline.train import train
+
+    status, error, cpu = "done", "", time.process_time()
+    with _output_to(Path(job["dir"]) / "stderr.log"):
+        try:
+            config = apply_overrides(load_recipe(job["recipe"]), job["overrides"])
+            train(config, job["cache"], job["dir"], device=job["device"], progress=False, overwrite=True)
+        except Exception as err:  # noqa: BLE001 - any failure of a cell is reported, the worker goes on
+            traceback.print_exc()
+            status, error = "failed", f"{type(err).__name__}: {err}".splitlines()[0]
+    return status, error, time.process_time() - cpu
 
 
 def _die_with_parent() -> None:
