@@ -39,7 +39,9 @@ def test_tasks_run_as_one_array_and_end_done_or_failed(tmp_path):
 @needs_slurm
 def test_a_preempted_task_is_requeued_never_counted_done_and_then_finishes(tmp_path):
     starts = tmp_path / "starts"
-    first_run_waits = f"echo start >> {starts}; [ $(wc -l < {starts}) -ge 2 ] || sleep 300"
+    # the signal goes to every process of the task: the shell and its sleep ignore it, so that only
+    # submitit's handler in the Python process answers (as in a cell, which trains in that process)
+    first_run_waits = f"trap '' USR2; echo start >> {starts}; [ $(wc -l < {starts}) -ge 2 ] || sleep 300"
     launch = make_launcher("slurm", folder=tmp_path / "slurm", slurm=SlurmOptions()).launch(
         [shell("long", first_run_waits)])
     wait_for(starts.is_file, 60, "the task to start")
