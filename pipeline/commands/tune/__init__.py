@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from cache.reader import FeatureCache
-from pipeline.commands.tune.space import load_space, space_path
+from pipeline.commands.tune.space import load_space, recipe_values, space_path
 from pipeline.commands.tune.study import STUDY_NAME, counted, fail_interrupted, open_storage, open_study
 from pipeline.config import ConfigError, apply_overrides, load_recipe
 from pipeline.launch import SlurmOptions, Task, make_launcher
@@ -69,6 +69,8 @@ def run_tune(options: TuneOptions, log: Callable[[str], None] | None = None) -> 
                 "content_key": content_key}
     storage = open_storage(out_dir, options.storage)
     study = open_study(storage, options.study_name, settings, seed=options.seed, pruner=options.pruner, create=True)
+    if not study.trials:
+        study.enqueue_trial(recipe_values(params, base), user_attrs={"recipe": True})
     interrupted = fail_interrupted(study)
     if interrupted:
         log(f"trials {interrupted} were interrupted (their process is gone): marked failed, not counted")

@@ -1,6 +1,7 @@
 """What a study leaves in its folder: trials.csv, best.toml, study.json and three pictures.
 
-    trials.csv   one row per trial: number, state, validation H (value), the parameters, the
+    trials.csv   one row per trial: number, state, validation H (value), whether it is the recipe's
+                 own values (the first trial of a study), the parameters, the
                  validation ZSL/U/S/AUSUC/gamma and selected step, CPU and wall seconds, the error
     best.toml    the recipe after --set with the best complete trial's values: a complete recipe,
                  `msdn train --recipe <out>/best.toml` trains it
@@ -65,6 +66,7 @@ def write_trials_csv(trials, path: Path) -> None:
     rows = []
     for t in trials:
         row = {"number": t.number, "state": t.state.name.lower(), "validation_H": t.value,
+               "is_recipe": bool(t.user_attrs.get("recipe")),
                **{f"param_{k}": v for k, v in t.params.items()},
                **{k: t.user_attrs.get(k) for k in COLUMNS}}
         if t.state == TrialState.PRUNED:

@@ -59,6 +59,22 @@ class Param:
         return f"{self.key} in [{self.low}, {self.high}]{' (log)' if self.log else ''}"
 
 
+def recipe_values(params: list[Param], config: TrainConfig) -> dict:
+    """The recipe's own value of each parameter, as the trial would suggest it, where the space
+    holds it (a study's first trial is the recipe itself: its validation H is the mark to beat)."""
+    flat = {**{k: v for k, v in config.to_dict().items() if k != "head"}, **config.head.to_dict()}
+    values = {}
+    for p in params:
+        value = flat.get(p.key.removeprefix("head."))
+        if isinstance(value, list):
+            value = ",".join(map(str, value))
+        if p.kind == "categorical" and value in p.choices:
+            values[p.key] = value
+        elif p.kind != "categorical" and isinstance(value, (int, float)) and p.low <= value <= p.high:
+            values[p.key] = value
+    return values
+
+
 def space_path(name_or_path: str | Path) -> Path:
     """A shipped space by name (case-insensitive) or a path to a TOML file."""
     path = Path(name_or_path)
