@@ -100,6 +100,21 @@ def test_a_study_finishes_reads_no_test_image_and_its_best_toml_trains(tiny_cach
     assert np.intersect1d(rows_read(), test_rows).size  # the recorder does see train's test reads
 
 
+def test_final_pairs_best_and_recipe_per_seed_and_keeps_finished_runs(tiny_cache, space, tmp_path):
+    out = tmp_path / "study"
+    summary = run_tune(options(tiny_cache, space, out, trials=2, final=True, seeds=(0, 1)), log=lambda _: None)
+    paired = json.loads((out / "final" / "paired.json").read_text())
+    assert paired["seeds"] == [0, 1] and paired["tuned"]["trial"] == summary["best"]["number"]
+    for row in paired["rows"]:
+        assert row["delta"]["H"] == pytest.approx(row["tuned"]["H"] - row["recipe"]["H"])
+        run = json.loads((out / "final" / f"tuned-seed{row['seed']}" / "summary.json").read_text())
+        assert run["test"]["H"] == row["tuned"]["H"]
+    assert "tuned ahead" in summary["final_markdown"]
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "final").glob("*/summary.json")}
+    run_tune(options(tiny_cache, space, out, trials=2, final=True, seeds=(0, 1)), log=lambda _: None)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing trained twice
+
+
 def test_a_killed_study_continues_where_it_stopped(tiny_cache, space, tmp_path):
     out = tmp_path / "study"
     command = [sys.executable, "-m", "cli", "tune", "--recipe", "demo", "--cache", str(tiny_cache),

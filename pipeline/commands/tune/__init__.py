@@ -91,7 +91,10 @@ def run_tune(options: TuneOptions, log: Callable[[str], None] | None = None) -> 
         if tuned is None:
             raise ConfigError(f"--final: study {options.study_name!r} has no complete trial to train")
         summary["final"] = run_final(tuned, base, cache, out_dir, list(options.seeds), device=options.device,
-                                     max_memory=options.max_memory, log=log)
+                                     max_memory=options.max_memory, log=log,
+                                     tuned_from={"trial": summary["best"]["number"],
+                                                 "validation_H": summary["best"]["validation_H"],
+                                                 "params": summary["best"]["params"]})
         summary["final_markdown"] = (out_dir / "final" / "paired.md").read_text()
     return summary
 

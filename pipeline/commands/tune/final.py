@@ -2,8 +2,8 @@
 
 For each seed, two full `msdn train` runs (pipeline.train.train: validation run, selection, final
 run on trainval, the test split evaluated once): best.toml's configuration and the recipe after
---set, both with that seed. They land in <out>/final/{tuned,recipe}-seed<S>/ (a seed whose
-summary.json exists is not trained again), and the paired differences in final/paired.json and
+--set, both with that seed. They land in <out>/final/{tuned,recipe}-seed<S>/ (a folder that holds
+a finished run of the same configuration is not trained again), and the paired differences in final/paired.json and
 final/paired.md.
 """
 from __future__ import annotations
@@ -22,25 +22,37 @@ METRICS = ("ZSL", "U", "S", "H", "AUSUC")
 
 
 def run_final(tuned: TrainConfig, recipe: TrainConfig, cache: str, out_dir: Path, seeds: list[int], *,
-              device: str = "auto", max_memory: str | None = None, log: Callable[[str], None] = print) -> dict:
+              device: str = "auto", max_memory: str | None = None, log: Callable[[str], None] = print,
+              tuned_from: dict | None = None) -> dict:
+    """tuned_from: which trial `tuned` is (kept in paired.json)."""
     folder = out_dir / "final"
     runs = {}
     for seed in seeds:
         for name, config in (("tuned", tuned), ("recipe", recipe)):
-            run_dir = folder / f"{name}-seed{seed}"
-            summary_path = run_dir / "summary.json"
-            if summary_path.exists():
-                summary = json.loads(summary_path.read_text())
+            run_dir, config = folder / f"{name}-seed{seed}", replace(config, seed=seed)
+            if _finished_with(run_dir, config):
+                summary = json.loads((run_dir / "summary.json").read_text())
             else:
                 log(f"final: {name}, seed {seed} -> {run_dir}")
-                summary = train(replace(config, seed=seed), cache, run_dir, device=device, progress=False,
+                summary = train(config, cache, run_dir, device=device, progress=False,
                                 overwrite=True, max_memory=max_memory, log=lambda _msg: None)
             runs[(name, seed)] = {m: summary["test"][m] for m in METRICS} | {
                 "cpu_seconds": summary["timing"]["final_train_cpu_seconds"]}
-    paired = paired_table(runs, seeds)
+    paired = {**paired_table(runs, seeds), "tuned": tuned_from or {}}
     write_json_atomic(folder / "paired.json", paired)
     (folder / "paired.md").write_text(paired_markdown(paired))
     return paired
+
+
+def _finished_with(run_dir: Path, config: TrainConfig) -> bool:
+    """The folder holds a finished run of exactly this configuration (a newer best trial, or other
+    --set values, train again)."""
+    if not (run_dir / "summary.json").exists():
+        return False
+    stored = json.loads((run_dir / "config.json").read_text())
+    for key in ("run", "environment"):  # what ran it, not what it is
+        stored.pop(key, None)
+    return stored == json.loads(json.dumps(config.to_dict()))
 
 
 def paired_table(runs: dict, seeds: list[int]) -> dict:
