@@ -578,6 +578,59 @@ def ablate(preset, recipe, cache_path, cache_dir, out_dir, ablations, grid, seed
 
 
 @main.command()
+@click.option("--recipe", required=True, help="Recipe name or .toml path the trials start from.")
+@click.option("--cache", "cache_path", required=True, help="Feature cache: a .h5 file or a store key.")
+@click.option("--cache-dir", default=None, help="Store to look keys up in [default: $MSDN_CACHE_DIR].")
+@click.option("--space", required=True,
+              help="Search space: a shipped name (default, CUB100: pipeline/recipes/spaces/) or a .toml path.")
+@click.option("--trials", default=20, show_default=True, type=click.IntRange(min=1),
+              help="The study's TOTAL trials (complete, pruned or failed; a rerun adds only the missing ones).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Study folder: journal, trials/, trials.csv, best.toml, pictures, final/.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override for every trial and for the recipe in --final (repeatable), e.g. amp=bf16.")
+@click.option("--study-name", default="msdn-tune", show_default=True, help="Study name in the storage.")
+@click.option("--storage", default=None,
+              help="Optuna storage URL (a database) [default: the journal file <out>/study.journal].")
+@click.option("--pruner", default="median", show_default=True,
+              help="median, halving (successive halving), none, or threshold:<H> (prune below validation H, 0-1).")
+@click.option("--seed", "sampler_seed", default=0, show_default=True, type=click.IntRange(min=0),
+              help="TPE sampler seed (worker i uses seed + i).")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Worker processes (local) or array tasks (slurm) sharing the study.")
+@_launcher_options
+@click.option("--device", default="auto", show_default=True, callback=_device, help=DEVICE_HELP)
+@_MAX_MEMORY_OPTION
+@click.option("--final", is_flag=True,
+              help="Then train best.toml and the recipe on trainval per --seeds; test split once each; paired table.")
+@click.option("--seeds", default="0,1,2", show_default=True, help="--final: comma-separated seeds.")
+def tune(recipe, cache_path, cache_dir, space, trials, out_dir, overrides, study_name, storage, pruner, sampler_seed,
+         workers, launcher, slurm_partition, slurm_time, cpus_per_task, gpus_per_task, mem, array_parallelism,
+         slurm_extra, device, max_memory, final, seeds):
+    """Choose hyper-parameters on validation H with an Optuna study (resumable); write best.toml."""
+    from pipeline.commands.cache import resolve_cache
+    from pipeline.commands.tune import TuneOptions, run_tune
+
+    options = TuneOptions(
+        recipe=recipe, cache=str(resolve_cache(cache_path, cache_dir)), space=space, out_dir=out_dir, trials=trials,
+        overrides=tuple(overrides), study_name=study_name, storage=storage, pruner=pruner, seed=sampler_seed,
+        workers=workers, launcher=launcher, device=device, max_memory=max_memory, final=final,
+        seeds=tuple(_csv(seeds, int, "--seeds", minimum=0)),
+        slurm=_slurm_options(slurm_partition, slurm_time, cpus_per_task, gpus_per_task, mem, array_parallelism,
+                             slurm_extra))
+    summary = run_tune(options, log=lambda msg: click.echo(msg, err=True))
+    states, best = summary["states"], summary["best"]
+    click.echo(f"study: {summary['trials']} trials ({states['complete']} complete, {states['pruned']} pruned, "
+               f"{states['fail']} failed), {summary['cpu_seconds']:.0f} CPU s")
+    if best is not None:
+        click.echo(f"best: trial {best['number']}, validation H {100 * best['validation_H']:.2f}; "
+                   f"{', '.join(f'{k}={v}' for k, v in best['params'].items())}")
+        click.echo(f"recipe: {summary['best_toml']}  (msdn train --recipe {summary['best_toml']})")
+    if "final" in summary:
+        click.echo(summary["final_markdown"])
+
+
+@main.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
               help="Write report.md, report.tex and report.csv here.")

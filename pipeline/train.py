@@ -169,7 +169,11 @@ def selection_line(selection: dict, config: TrainConfig, *, paper_protocol: bool
 
 
 def select_on_validation(config: TrainConfig, val: Task, *, cache, store, labels, amp, run, progress,
-                         log=None, board: TensorBoardLog | None = None) -> dict:
+                         log=None, board: TensorBoardLog | None = None,
+                         on_validation: Callable[[int, dict], None] | None = None) -> dict:
+    """The validation run and its selection. on_validation(step, record), if given, sees each
+    validation evaluation as it is logged (`msdn tune` reports it to its study; an exception it
+    raises, e.g. optuna's TrialPruned, stops the run there)."""
     model = build_model(config.head, cache, val, store.device, config.seed)
     history = []
 
@@ -184,6 +188,8 @@ def select_on_validation(config: TrainConfig, val: Task, *, cache, store, labels
                 log(evaluation_line(step, config.iterations, report, losses))
         if board is not None:
             board.evaluation("validation", step, report, best_point=True)
+        if on_validation is not None:
+            on_validation(step, record)
         stop = should_stop(history, config)
         if stop and log is not None:
             with above_bars():
