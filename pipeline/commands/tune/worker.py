@@ -27,7 +27,7 @@ from pipeline.commands.tune.study import counted, mark_owner, open_storage, open
 from pipeline.config import TrainConfig, apply_overrides
 from pipeline.engine import DivergedError
 from pipeline.features import bank_dtype
-from pipeline.memory import open_features
+from pipeline.memory import memory_plan, open_store
 from pipeline.precision import choose_amp
 from pipeline.runlog import RunLog
 from pipeline.tasks import usable_splits, validation_task
@@ -103,9 +103,11 @@ def validation_run(config: TrainConfig, cache_path: str | Path, out_dir: Path, *
         except ValueError as err:
             raise CacheError(f"{cache_path}: {err}") from None
         rows = np.concatenate([val.train_rows, val.eval_seen_rows, val.eval_unseen_rows])
-        store, plan = open_features(cache, rows, device, bank_dtype(config.feature_dtype, amp), max_memory=max_memory,
-                                    batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
-                                    num_attributes=int(cache.att.shape[1]))
+        dtype = bank_dtype(config.feature_dtype, amp)
+        plan = memory_plan(cache, rows, device, dtype, max_memory=max_memory, batch_size=config.batch_size,
+                           eval_batch_size=config.eval_batch_size, num_attributes=int(cache.att.shape[1]))
+        store = open_store(cache, rows, device, dtype, plan, batch_size=config.batch_size,
+                           eval_batch_size=config.eval_batch_size)
         run = RunLog(out_dir, overwrite=True)
         run.write_config({**config.to_dict(), "run": {"cache": str(cache_path), "device": str(device), "amp": amp,
                                                       "features": plan, "tasks": [val.describe()]}})
