@@ -42,3 +42,15 @@ def test_readme_results_table_is_quoted_from_the_results_page():
 
 def test_there_are_committed_screens():
     assert SCREENS, "results/ holds no causal screen (paired.csv)"
+
+
+def test_the_tuned_recipe_is_what_the_study_chose_on_validation():
+    """pipeline/recipes/CUB100_tuned.toml is results/tune/cub100_lite0_448/best.toml, value for value,
+    except its name and precision (the study ran at bf16; the recipe leaves amp to --set, as CUB100)."""
+    from pipeline.config import TrainConfig, load_recipe, tomllib  # tomli on Python 3.10
+
+    best = tomllib.loads((ROOT / "results/tune/cub100_lite0_448/best.toml").read_text())
+    chosen, shipped = TrainConfig.from_dict(best, where="best.toml").to_dict(), load_recipe("CUB100_tuned").to_dict()
+    for settings in (chosen, shipped):
+        del settings["recipe"], settings["amp"]
+    assert shipped == chosen
