@@ -12,7 +12,7 @@ extra `pip install "msdn-zsl[tb]"`). Tags, with the training step as the x axis:
 
 U, S and H of a validation point are at its best calibration gamma, as the selection reads them;
 the test split's at the gamma selected on validation. ZSL, U, S, H and AUSUC are in percent, as the
-console prints them (the JSON files keep fractions: docs/frictions-notes.md); gamma as is.
+console prints them (the JSON files keep fractions: docs/changes.md); gamma as is.
 The loss terms arrive at the training loop's existing host read-back (every log_every steps,
 pipeline/engine.py: fit's on_log), already on the host: the writer adds no device synchronisation,
 and its file writes happen on SummaryWriter's own thread.
