@@ -31,6 +31,10 @@ class Task:
     def local_labels(self, global_labels: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.classes, global_labels)
 
+    def rows(self) -> np.ndarray:
+        """Every cache row the task reads (training, then seen and unseen evaluation)."""
+        return np.concatenate([self.train_rows, self.eval_seen_rows, self.eval_unseen_rows])
+
     def describe(self) -> dict:
         return {"name": self.name, "classes": len(self.classes), "seen": len(self.seen),
                 "unseen": len(self.unseen), "train_images": len(self.train_rows),

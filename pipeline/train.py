@@ -36,6 +36,7 @@ from pipeline.precision import choose_amp
 from pipeline.runlog import RunLog, write_json_atomic
 from pipeline.tasks import Task, benchmark_task, usable_splits, validation_task
 from pipeline.tb_log import TensorBoardLog, summary_writer_class
+from pipeline.train_lines import evaluation_line, selection_line, validation_line
 
 
 def train(config: TrainConfig, cache_path: str | Path, out_dir: str | Path, *, device: str = "auto",
@@ -65,23 +66,12 @@ def train(config: TrainConfig, cache_path: str | Path, out_dir: str | Path, *, d
         labels = np.asarray(cache.labels)
         splits, skipped = usable_splits(cache)
         test = benchmark_task(labels, splits, num_classes=int(cache.att.shape[0]))
-        try:
-            val = validation_task(labels, splits, held_out_fraction=config.val_seen_fraction,
-                                  seed=config.seed) if config.selection == "val" else None
-        except ValueError as err:
-            raise CacheError(f"{cache_path}: {err} (or train with --set selection=fixed)") from None
+        val = (validation_split(labels, splits, config, cache_path, hint=" (or train with --set selection=fixed)")
+               if config.selection == "val" else None)
         identity = cache_identity(cache)
-        rows = np.concatenate([test.train_rows, test.eval_seen_rows, test.eval_unseen_rows])
-        dtype = bank_dtype(config.feature_dtype, amp)
-        plan = memory_plan(cache, rows, device, dtype, max_memory=max_memory, batch_size=config.batch_size,
-                           eval_batch_size=config.eval_batch_size, num_attributes=int(cache.att.shape[1]))
+        plan = feature_plan(cache, test.rows(), device, config, amp, max_memory=max_memory)
         run = RunLog(out_dir, overwrite=overwrite)  # after every refusal: --overwrite keeps the old run till then
-        try:
-            store = open_store(cache, rows, device, dtype, plan, batch_size=config.batch_size,
-                               eval_batch_size=config.eval_batch_size)
-        except CacheError as err:  # NaN/inf rows: refused before training, recorded as a failed run
-            run.log({"phase": "failed", "error": str(err)})
-            raise
+        store = open_features(cache, test.rows(), device, config, amp, plan, run)
         log(describe_plan(plan))
         run.write_config({**config.to_dict(), "run": {
             "cache": str(cache_path), "cache_identity": identity, "device": str(device), "amp": amp,
@@ -120,6 +110,59 @@ def train(config: TrainConfig, cache_path: str | Path, out_dir: str | Path, *, d
     return summary
 
 
+def validation_run(config: TrainConfig, cache_path: str | Path, out_dir: str | Path, *, device: str = "auto",
+                   max_memory: str | None = None, on_validation=None) -> dict:
+    """The validation run and its selection alone (`msdn tune`'s objective), over the validation
+    task's rows only, so no test image is read; writes config.json and metrics.jsonl into out_dir
+    (no checkpoint) and returns the selection dict, as `train` computes it before its final run."""
+    device = resolve_device(device)
+    amp = choose_amp(config.amp, device).amp
+    keep_freed_memory(True)
+    with FeatureCache(cache_path) as cache:
+        labels = np.asarray(cache.labels)
+        splits, _ = usable_splits(cache)
+        val = validation_split(labels, splits, config, cache_path)
+        plan = feature_plan(cache, val.rows(), device, config, amp, max_memory=max_memory)
+        run = RunLog(out_dir, overwrite=True)
+        store = open_features(cache, val.rows(), device, config, amp, plan, run)
+        run.write_config({**config.to_dict(), "run": {"cache": str(cache_path), "device": str(device), "amp": amp,
+                                                      "features": plan, "tasks": [val.describe()]}})
+        try:
+            return select_on_validation(config, val, cache=cache, store=store, labels=labels, amp=amp, run=run,
+                                        progress=False, on_validation=on_validation)
+        except (DivergedError, CacheError) as err:
+            run.log({"phase": "failed", "error": str(err)})
+            raise
+
+
+def validation_split(labels: np.ndarray, splits: dict, config: TrainConfig, cache_path, hint: str = "") -> Task:
+    """The validation task of `config` (its held-out fraction and seed); a cache it cannot be made
+    from is a CacheError naming the file."""
+    try:
+        return validation_task(labels, splits, held_out_fraction=config.val_seen_fraction, seed=config.seed)
+    except ValueError as err:
+        raise CacheError(f"{cache_path}: {err}{hint}") from None
+
+
+def feature_plan(cache, rows: np.ndarray, device, config: TrainConfig, amp: str | None, *,
+                 max_memory: str | None) -> dict:
+    """Resident bank or streaming for these rows at the config's feature dtype and batch sizes."""
+    return memory_plan(cache, rows, device, bank_dtype(config.feature_dtype, amp), max_memory=max_memory,
+                       batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
+                       num_attributes=int(cache.att.shape[1]))
+
+
+def open_features(cache, rows: np.ndarray, device, config: TrainConfig, amp: str | None, plan: dict, run: RunLog):
+    """The feature store of `plan`; NaN/inf rows are refused before training and recorded in the
+    run's metrics.jsonl as a failed run."""
+    try:
+        return open_store(cache, rows, device, bank_dtype(config.feature_dtype, amp), plan,
+                          batch_size=config.batch_size, eval_batch_size=config.eval_batch_size)
+    except CacheError as err:
+        run.log({"phase": "failed", "error": str(err)})
+        raise
+
+
 def attribute_embeddings(cache, config: TrainConfig) -> str:
     """Where the heads' attribute embeddings V start: the cache's word vectors, or (a cache without
     w2v_att: FLO, APY, `msdn extract --w2v none`) a random N(0, 1) init that training learns."""
@@ -127,45 +170,6 @@ def attribute_embeddings(cache, config: TrainConfig) -> str:
         return (f"random init N(0, 1), {config.head.w2v_dim}-d, trained (the cache has no word vectors: "
                 "FLO/APY, or extracted with --w2v none)")
     return f"word vectors from the cache, {cache.w2v_att.shape[1]}-d" + ("" if config.head.trainable_v else ", frozen")
-
-
-MIN_VALIDATION_CLASSES = 3  # below it, validation ZSL picks among 1 or 2 classes
-
-
-def validation_line(val: Task | None) -> str:
-    """Which classes validate, and where that split came from (see pipeline/tasks.py): a line,
-    then each part of the split's note indented on its own, so that a log keeps short lines."""
-    if val is None:
-        return "validation: none (selection = fixed: the recipe's iterations and gamma)"
-    few = [] if len(val.unseen) >= MIN_VALIDATION_CLASSES else [
-        f"warning: {len(val.unseen)} validation class(es): validation ZSL is trivial there (chance "
-        f"{100 / len(val.unseen):.0f}%), so the step and gamma it selects say little; mark more classes 'val' "
-        "(folder: classes.csv) or give the dataset more seen classes"]
-    return "\n  ".join([f"validation: {len(val.unseen)} validation classes and {len(val.seen)} seen classes "
-                        f"({len(val.train_rows)} training, {len(val.eval_seen_rows)} + {len(val.eval_unseen_rows)} "
-                        "evaluation images)", *val.note.split("; "), *few])
-
-
-def evaluation_line(step: int, steps: int, report: dict, losses: dict) -> str:
-    """One short line per validation evaluation: U, S, H at its best gamma, as the selection reads them."""
-    best = report["best"]
-    loss = f", loss {losses['loss']:.3f}" if losses.get("loss") is not None else ""
-    return (f"validation step {step}/{steps}: ZSL {100 * report['ZSL']:.2f}, U {100 * best['U']:.2f}, "
-            f"S {100 * best['S']:.2f}, H {100 * best['H']:.2f} (gamma {best['gamma']:.3g}), "
-            f"AUSUC {100 * report['AUSUC']:.2f}{loss}")
-
-
-def selection_line(selection: dict, config: TrainConfig, *, paper_protocol: bool) -> str:
-    """What the final run will do, and why: the step and gamma chosen, with the validation H."""
-    steps = max(selection["iteration"], config.iterations) if paper_protocol else selection["iteration"]
-    then = f"final run on trainval: {steps} steps, then the test split"
-    if selection["mode"] != "val":
-        return f"selection: fixed (recipe): step {selection['iteration']}, gamma {selection['gamma']:.3g}; {then}"
-    v = selection["validation"]
-    step = (f"step {selection['iteration']}" if config.select_iterations
-            else f"step {selection['iteration']} (the recipe's; select_iterations = false)")
-    return (f"selected on validation: {step}, gamma {selection['gamma']:.3g}, "
-            f"validation H {100 * v['best']['H']:.2f} (ZSL {100 * v['ZSL']:.2f}); {then}")
 
 
 def select_on_validation(config: TrainConfig, val: Task, *, cache, store, labels, amp, run, progress,

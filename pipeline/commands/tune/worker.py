@@ -1,7 +1,6 @@
 """A tune worker: runs trials of one study until it holds --trials of them.
 
-One trial = `msdn train`'s validation run and selection (pipeline/train.py: validation_task,
-select_on_validation) with the trial's `--set` values, and nothing else: the feature store holds
+One trial = `msdn train`'s validation run and selection (pipeline/train.py: validation_run) with the trial's `--set` values, and nothing else: the feature store holds
 only the validation task's rows (all trainval images), so no test image is read during a study.
 The objective is the selected validation H; each validation evaluation the run already makes
 reports its best-so-far H to the study, and the pruner may stop the run there. A run that
@@ -16,22 +15,14 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import optuna
 
-from cache.reader import CacheError, FeatureCache
-from extract.devices import resolve_device
-from heads.runtime import keep_freed_memory
+from cache.reader import CacheError
 from pipeline.commands.tune.space import load_space
 from pipeline.commands.tune.study import counted, mark_owner, open_storage, open_study
 from pipeline.config import TrainConfig, apply_overrides
 from pipeline.engine import DivergedError
-from pipeline.features import bank_dtype
-from pipeline.memory import memory_plan, open_store
-from pipeline.precision import choose_amp
-from pipeline.runlog import RunLog
-from pipeline.tasks import usable_splits, validation_task
-from pipeline.train import select_on_validation
+from pipeline.train import validation_run
 
 
 def run_worker(*, out_dir: str, storage: str | None, study_name: str, settings: dict, space: str, cache: str,
@@ -86,37 +77,6 @@ def objective(trial: optuna.Trial, base: TrainConfig, params, *, cache: str, out
                         "wall_seconds": time.perf_counter() - start}.items():
         trial.set_user_attr(name, float(value))
     return float(v["best"]["H"])
-
-
-def validation_run(config: TrainConfig, cache_path: str | Path, out_dir: Path, *, device: str = "auto",
-                   max_memory: str | None = None, on_validation=None) -> dict:
-    """`msdn train`'s validation run and selection only, over the validation task's rows; writes
-    config.json and metrics.jsonl into out_dir (no checkpoint); returns the selection dict."""
-    device = resolve_device(device)
-    amp = choose_amp(config.amp, device).amp
-    keep_freed_memory(True)
-    with FeatureCache(cache_path) as cache:
-        labels = np.asarray(cache.labels)
-        splits, _ = usable_splits(cache)
-        try:
-            val = validation_task(labels, splits, held_out_fraction=config.val_seen_fraction, seed=config.seed)
-        except ValueError as err:
-            raise CacheError(f"{cache_path}: {err}") from None
-        rows = np.concatenate([val.train_rows, val.eval_seen_rows, val.eval_unseen_rows])
-        dtype = bank_dtype(config.feature_dtype, amp)
-        plan = memory_plan(cache, rows, device, dtype, max_memory=max_memory, batch_size=config.batch_size,
-                           eval_batch_size=config.eval_batch_size, num_attributes=int(cache.att.shape[1]))
-        store = open_store(cache, rows, device, dtype, plan, batch_size=config.batch_size,
-                           eval_batch_size=config.eval_batch_size)
-        run = RunLog(out_dir, overwrite=True)
-        run.write_config({**config.to_dict(), "run": {"cache": str(cache_path), "device": str(device), "amp": amp,
-                                                      "features": plan, "tasks": [val.describe()]}})
-        try:
-            return select_on_validation(config, val, cache=cache, store=store, labels=labels, amp=amp, run=run,
-                                        progress=False, on_validation=on_validation)
-        except (DivergedError, CacheError) as err:
-            run.log({"phase": "failed", "error": str(err)})
-            raise
 
 
 def trial_line(trial: optuna.trial.FrozenTrial) -> str:
