@@ -203,6 +203,22 @@ def test_bad_spaces_and_changed_settings_are_one_line_errors(tiny_cache, space, 
         run_tune(changed, log=lambda _: None)
 
 
+def test_a_study_begun_before_a_config_key_existed_continues_at_its_default(tiny_cache, space, tmp_path):
+    """A study begun by an older msdn lacks the keys added since (patience came after the first
+    studies): at their defaults it continues; set to anything else it is refused as changed."""
+    out = tmp_path / "study"
+    run_tune(options(tiny_cache, space, out, trials=1), log=lambda _: None)
+    study = study_of(out)
+    settings = study.user_attrs["settings"]
+    del settings["config"]["patience"]
+    study.set_user_attr("settings", settings)
+    run_tune(options(tiny_cache, space, out, trials=2), log=lambda _: None)
+    assert len(study_of(out).trials) == 2
+    with pytest.raises(StudyError, match=r"other settings \(config differ\)"):
+        run_tune(TuneOptions(**{**vars(options(tiny_cache, space, out, trials=3)),
+                                "overrides": QUICK + ("patience=3",)}), log=lambda _: None)
+
+
 def test_optuna_is_imported_by_tune_only():
     """`msdn train` and every other command run without optuna installed (it is the tune extra)."""
     done = subprocess.run(

@@ -19,7 +19,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, TrainConfig
 
 STUDY_NAME = "msdn-tune"
 PRUNERS = ("median", "halving", "none", "threshold:<H>")
@@ -81,11 +81,23 @@ def open_study(storage, study_name: str, settings: dict, *, seed: int, pruner: s
     stored = study.user_attrs.get("settings")
     if stored is None:
         study.set_user_attr("settings", settings)
-    elif stored != settings:
+    elif with_new_defaults(stored) != settings:
+        stored = with_new_defaults(stored)
         changed = sorted(k for k in set(stored) | set(settings) if stored.get(k) != settings.get(k))
         raise StudyError(f"study {study_name!r} was started with other settings ({', '.join(changed)} differ); "
                          "rerun it with the same options, or give another --out / --study-name")
     return study
+
+
+def with_new_defaults(settings: dict) -> dict:
+    """Stored settings with the config keys a newer msdn added since the study began filled in at
+    their defaults (a new key's default keeps the old behaviour, e.g. patience = 0), so that an
+    upgrade does not refuse to continue a study; a new key set to anything else still differs."""
+    try:
+        config = TrainConfig.from_dict(settings["config"], where="stored study settings").to_dict()
+    except (ConfigError, KeyError, TypeError, ValueError):
+        return settings
+    return {**settings, "config": config}
 
 
 def counted(study: optuna.Study) -> int:
