@@ -46,11 +46,15 @@ def test_there_are_committed_screens():
 
 def test_the_tuned_recipe_is_what_the_study_chose_on_validation():
     """pipeline/recipes/CUB100_tuned.toml is results/tune/cub100_lite0_448/best.toml, value for value,
-    except its name and precision (the study ran at bf16; the recipe leaves amp to --set, as CUB100)."""
+    except its name and precision (the study ran at bf16; the recipe leaves amp to --set, as CUB100)
+    and the causal term confirmed on top of it (results/tune/cub100_lite0_448_causal)."""
     from pipeline.config import TrainConfig, load_recipe, tomllib  # tomli on Python 3.10
 
     best = tomllib.loads((ROOT / "results/tune/cub100_lite0_448/best.toml").read_text())
     chosen, shipped = TrainConfig.from_dict(best, where="best.toml").to_dict(), load_recipe("CUB100_tuned").to_dict()
     for settings in (chosen, shipped):
         del settings["recipe"], settings["amp"]
+    assert (chosen["head"]["lambda_causal"], shipped["head"]["lambda_causal"]) == (0.0, 0.3)
+    assert shipped["head"]["causal_level"] == "attribute"
+    chosen["head"].update(lambda_causal=0.3, causal_level="attribute")
     assert shipped == chosen

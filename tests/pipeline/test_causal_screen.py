@@ -18,6 +18,7 @@ from pipeline.commands.ablate.causal import (
     select_weights,
 )
 from pipeline.commands.ablate.grid import AblationError
+from pipeline.config import load_recipe
 from tests.fixtures.caches import write_tiny_cache
 
 QUICK = ["iterations=20", "eval_every=10", "log_every=10", "batch_size=8", "lr=3e-3", "eval_batch_size=16"]
@@ -41,6 +42,11 @@ def test_the_preset_plans_msdn_and_six_readings_at_each_weight(tmp_path):
     assert by_name["cal_factual"].causal_grad == "factual" and by_name["cal"].causal_grad == "all"
     assert by_name["remove"].counterfactual == "remove" and by_name["attribute"].causal_level == "attribute"
     assert by_name["cal_seen"].causal_classes == "seen" and by_name["warmup"].causal_warmup > 0
+    # CUB100 ships the attribute-level term: the screen's readings still differ from CAL by one switch
+    assert load_recipe("CUB100").head.causal_level == "attribute" and by_name["cal"].causal_level == "class"
+    assert all(h.causal_level == "class" for n, h in by_name.items() if n not in ("attribute", BASELINE))
+    user = plan_screen("CUB100", tmp_path, weights=[0.3], seeds=[0], overrides=["causal_subnets=ava"])
+    assert {c.config.head.causal_subnets for c in user} == {"ava"}  # a --set still applies to every reading
 
 
 def frame(rows):

@@ -14,12 +14,19 @@ from pathlib import Path
 
 import pandas as pd
 
+from heads.config import HeadConfig
 from pipeline.commands.ablate.grid import Ablation, AblationError, plan_cells
 from pipeline.commands.tables import mean_std
 from pipeline.metrics import SCORES
 
 BASELINE = "msdn"
 WEIGHT_KEY = "lambda_causal"
+
+
+# The first reading's switches, put under every cell's --set: a recipe that ships a causal term of its
+# own (CUB100: attribute level) must not turn "cal" into another reading; a user's --set still wins.
+CAL_READING = tuple(f"{key}={getattr(HeadConfig(), key)}" for key in (
+    "causal_level", "counterfactual", "causal_grad", "causal_classes", "causal_subnets", "causal_warmup", "causal_ramp"))
 
 
 def causal_variants() -> dict[str, Ablation]:
@@ -51,6 +58,7 @@ def plan_screen(recipe: str, out_dir: str | Path, *, weights, seeds, overrides=(
         raise AblationError(f"unknown ablation(s) {unknown}; --preset causal runs {BASELINE} (always) and the "
                             f"readings {', '.join(n for n in registry if n != BASELINE)}")
     names = [n for n in (registry if variants is None else variants) if n != BASELINE]
+    overrides = [*CAL_READING, *overrides]
     cells = plan_cells(recipe, out_dir, ablations=[BASELINE], seeds=seeds, overrides=overrides, registry=registry)
     for name in names:
         if isinstance(weights, dict) and name not in weights:
