@@ -141,6 +141,8 @@ def test_a_killed_study_continues_where_it_stopped(tiny_cache, space, tmp_path):
     counted = [t for t in study.trials if t.state.is_finished() and not t.user_attrs.get("interrupted")]
     assert len(counted) == 6  # --trials is the study's total
     assert {t.number: t.params for t in study.trials if t.number in before} == before
+    # the rerun draws new points: not the first run's startup points again (each would cost a trial)
+    assert not [t.number for t in study.trials if t.number not in before and t.params in before.values()]
     interrupted = [t for t in study.trials if t.user_attrs.get("interrupted")]
     assert all(t.state == optuna.trial.TrialState.FAIL for t in interrupted)
     assert len(pd.read_csv(out / "trials.csv")) == len(study.trials)

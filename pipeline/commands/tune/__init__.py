@@ -69,6 +69,7 @@ def run_tune(options: TuneOptions, log: Callable[[str], None] | None = None) -> 
                 "content_key": content_key}
     storage = open_storage(out_dir, options.storage)
     study = open_study(storage, options.study_name, settings, seed=options.seed, pruner=options.pruner, create=True)
+    resumed_at = len(study.trials)  # fixed before any worker starts: their samplers' seeds depend on it
     if not study.trials:
         study.enqueue_trial(recipe_values(params, base), user_attrs={"recipe": True})
     interrupted = fail_interrupted(study)
@@ -80,7 +81,8 @@ def run_tune(options: TuneOptions, log: Callable[[str], None] | None = None) -> 
     if have < options.trials:
         worker_kwargs = dict(out_dir=str(out_dir), storage=options.storage, study_name=options.study_name,
                              settings=settings, space=space, cache=cache, trials=options.trials, seed=options.seed,
-                             pruner=options.pruner, device=options.device, max_memory=options.max_memory)
+                             pruner=options.pruner, device=options.device, max_memory=options.max_memory,
+                             resumed_at=resumed_at)
         run_workers(worker_kwargs, options, out_dir, log)
     study = open_study(storage, options.study_name, settings, seed=options.seed, pruner=options.pruner)
     summary = write_outputs(study, base, out_dir)

@@ -16,6 +16,7 @@ import os
 import socket
 from pathlib import Path
 
+import numpy as np
 import optuna
 from optuna.trial import TrialState
 
@@ -40,10 +41,16 @@ def open_storage(out_dir: str | Path, storage: str | None):
     return optuna.storages.JournalStorage(JournalFileBackend(str(Path(out_dir) / "study.journal")))
 
 
-def make_sampler(seed: int, worker: int = 0) -> optuna.samplers.TPESampler:
+def make_sampler(seed: int, worker: int = 0, resumed_at: int = 0) -> optuna.samplers.TPESampler:
     """TPE with a fixed seed; worker i draws with seed + i (equal seeds would draw equal startup
-    trials); constant_liar keeps parallel workers off the points others are running."""
-    return optuna.samplers.TPESampler(seed=seed + worker, n_startup_trials=5, constant_liar=True)
+    trials); constant_liar keeps parallel workers off the points others are running. A worker that
+    joins a study already holding `resumed_at` trials draws from a stream of its own (else a rerun
+    would repeat the first run's random startup points, trial for trial)."""
+    if resumed_at:
+        seed = int(np.random.SeedSequence([seed, worker, resumed_at]).generate_state(1)[0])
+    else:
+        seed += worker
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=5, constant_liar=True)
 
 
 def make_pruner(spec: str, *, eval_every: int, iterations: int) -> optuna.pruners.BasePruner:
@@ -67,11 +74,12 @@ def make_pruner(spec: str, *, eval_every: int, iterations: int) -> optuna.pruner
 
 
 def open_study(storage, study_name: str, settings: dict, *, seed: int, pruner: str, worker: int = 0,
-               create: bool = False) -> optuna.Study:
-    """The study (created when `create`, else it must exist); its settings must match."""
+               create: bool = False, resumed_at: int = 0) -> optuna.Study:
+    """The study (created when `create`, else it must exist); its settings must match. resumed_at:
+    the trials it held when this `msdn tune` began (0: a new study), for the sampler's seed."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # msdn tune prints its own line per trial
     config = settings["config"]
-    sampler = make_sampler(seed, worker)
+    sampler = make_sampler(seed, worker, resumed_at)
     pruner_obj = make_pruner(pruner, eval_every=config["eval_every"], iterations=config["iterations"])
     if create:
         study = optuna.create_study(storage=storage, study_name=study_name, direction="maximize",

@@ -27,7 +27,7 @@ from pipeline.train import validation_run
 
 def run_worker(*, out_dir: str, storage: str | None, study_name: str, settings: dict, space: str, cache: str,
                trials: int, seed: int, pruner: str, worker: int = 0, device: str = "auto",
-               max_memory: str | None = None, threads: int | None = None) -> int:
+               max_memory: str | None = None, threads: int | None = None, resumed_at: int = 0) -> int:
     """Run trials until the study counts `trials`; returns how many this worker ran. threads:
     torch's CPU threads in this process (None: torch's default, or $OMP_NUM_THREADS)."""
     if threads:
@@ -37,7 +37,7 @@ def run_worker(*, out_dir: str, storage: str | None, study_name: str, settings: 
     base = TrainConfig.from_dict(settings["config"], where="study settings")
     params = load_space(space, base)
     study = open_study(open_storage(out_dir, storage), study_name, settings, seed=seed, pruner=pruner,
-                       worker=worker)
+                       worker=worker, resumed_at=resumed_at)
     ran = 0
     while counted(study) < trials:
         study.optimize(lambda trial: objective(trial, base, params, cache=cache, out_dir=Path(out_dir),
