@@ -26,7 +26,7 @@ from cache.errors import UserError
 from extract.progress import progress_bar
 from heads.msdn import MSDN
 from heads.regions import Regions
-from pipeline.features import ResidentFeatures
+from pipeline.features import FlippedDraw, ResidentFeatures
 from pipeline.metrics import gzsl_accuracy, gzsl_report, harmonic_mean
 from pipeline.precision import choose_amp
 from pipeline.samplers import build_sampler
@@ -123,6 +123,8 @@ def fit(model: MSDN, store: ResidentFeatures, train_rows: np.ndarray, train_labe
     positions = store.positions(train_rows)
     labels_idx = torch.as_tensor(train_labels, dtype=torch.long, device=store.index_device)
     sampler = build_sampler(config.sampler, labels_idx, config.batch_size, config.seed)
+    if config.flip > 0:  # the one place a training sample turns into its flipped image's map
+        positions = FlippedDraw(positions, store.flipped_positions(train_rows), config.flip, sampler.generator)
     optimizer = build_optimizer(model, config)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     check_each_step = device.type in CHECK_EACH_STEP_ON
