@@ -15,7 +15,7 @@ from PIL import Image
 
 from cache.layout import partial_path
 from cache.reader import CacheError, FeatureCache
-from cache.shards import export_cache
+from cache.shards import export_cache, join_shards
 from cache.verify import verify_cache
 from extract.backbones import build_backbone, build_transform
 from extract.manifest import build_manifest
@@ -76,6 +76,9 @@ def test_verify_names_a_corrupted_flipped_row_and_export_refuses_to_drop_them(ti
     assert any("feature_map_flipped: checksum mismatch in 1 row(s): 5" in line for line in report.lines())
     with pytest.raises(CacheError, match="feature_map_flipped"):
         export_cache(out, tmp_path / "export.h5")
+    with pytest.raises(CacheError, match=f"{out}: holds flipped maps"):
+        join_shards(tmp_path / "joined.h5", [out], tiny, build_manifest(tiny, SPEC, flipped=True))
+    assert not (tmp_path / "export.h5").exists() and not (tmp_path / "joined.h5").exists()
 
 
 _KILLED_RUN = """
