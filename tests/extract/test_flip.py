@@ -21,6 +21,7 @@ from extract.backbones import build_backbone, build_transform
 from extract.manifest import build_manifest
 from extract.reuse import ReuseError
 from tests.extract.test_extractor import SPEC, run
+from tests.extract.test_extractor_cli import done_rows
 from tests.fixtures.images import image_dataset
 from tests.fixtures.processes import reaped
 
@@ -100,7 +101,7 @@ def test_a_killed_flip_extraction_resumes_and_matches_an_uninterrupted_one(tiny,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     with reaped(proc):
-        while _done(partial_path(out)) < 2:
+        while done_rows(partial_path(out)) < 2:
             assert proc.poll() is None, proc.communicate()
             assert time.time() < deadline, "extraction made no progress"
             time.sleep(0.05)
@@ -119,10 +120,3 @@ def test_a_killed_flip_extraction_resumes_and_matches_an_uninterrupted_one(tiny,
         assert torch.equal(cache.features(flipped=True), ref.features(flipped=True))
     assert verify_cache(out).verdict == "ok"
 
-
-def _done(path: Path) -> int:
-    try:
-        with FeatureCache(path) as cache:
-            return int(cache.done.sum())
-    except CacheError:
-        return 0
