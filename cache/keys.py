@@ -2,9 +2,10 @@
 the same key hold the same maps (extract/manifest.py builds the manifest it hashes).
 
 Hashed: the backbone description without where the weights file lies, the feature shape, dtype,
-dataset name and fingerprint, the image file sizes and (only when on) whether flipped maps are stored (a cheap guard against an image replaced
-under the same name). Package versions, timestamps, paths and compression are left out, so asking
-again with the same inputs finds the finished file, and any input change gives a different key.
+dataset name and fingerprint, the image file sizes (a cheap guard against an image replaced under
+the same name) and, only when on, that the flipped images' maps are stored too (`--flip`).
+Package versions, timestamps, paths and compression are left out, so asking again with the same
+inputs finds the finished file, and any input change gives a different key.
 """
 from __future__ import annotations
 

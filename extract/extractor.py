@@ -148,8 +148,8 @@ def size_line(spec: BackboneSpec, num_images: int, dtype: str, compression: str,
     origin = f"{spec.name}'s default, {why}" if spec.image_size == default else f"{spec.name}'s default is {default}"
     stored = num_images * channels * height * width * np.dtype(DTYPES[dtype]).itemsize * (2 if flip else 1)
     return (f"image size {spec.image_size} px ({origin}; --image-size sets it): maps {channels} x {height} x "
-            f"{width}, {num_images} images{' and their flips' if flip else ''} -> about {human_bytes(stored)} of {dtype} features before {compression} "
-            "compression")
+            f"{width}, {num_images} images{' and their flips' if flip else ''} -> about {human_bytes(stored)} of "
+            f"{dtype} features before {compression} compression")
 
 
 def _write_usable_locations(partial: Path, splits: dict) -> str:

@@ -220,7 +220,7 @@ class NoFlippedMapsError(UserError, ValueError):
     """flip > 0 on a cache extracted without --flip."""
 
 
-def flipped_training_rows(cache, flip: float, *train_rows: np.ndarray) -> np.ndarray | None:
+def flipped_training_rows(cache, flip: float, train_rows: np.ndarray) -> np.ndarray | None:
     """The rows whose flipped maps a run with `flip` holds: its training rows (None at flip = 0,
     where nothing flipped is read); refused before any work when the cache has none."""
     if flip <= 0:
@@ -228,7 +228,7 @@ def flipped_training_rows(cache, flip: float, *train_rows: np.ndarray) -> np.nda
     if not cache.has_flipped:
         raise NoFlippedMapsError(f"{cache.path}: flip={flip:g} needs the maps of the flipped images, which this cache "
                                  "does not hold; extract it again with `msdn extract --flip` (or --set flip=0)")
-    return np.unique(np.concatenate(train_rows))
+    return np.unique(train_rows)
 
 
 def flipped_positions(store, cache_rows: np.ndarray) -> torch.Tensor:

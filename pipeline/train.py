@@ -69,7 +69,7 @@ def train(config: TrainConfig, cache_path: str | Path, out_dir: str | Path, *, d
         val = (validation_split(labels, splits, config, cache_path, hint=" (or train with --set selection=fixed)")
                if config.selection == "val" else None)
         identity = cache_identity(cache)
-        flipped = flipped_training_rows(cache, config.flip, test.train_rows, *([val.train_rows] if val else []))
+        flipped = flipped_training_rows(cache, config.flip, test.train_rows)  # trainval: holds validation's too
         plan = feature_plan(cache, test.rows(), device, config, amp, max_memory=max_memory, flipped=flipped)
         run = RunLog(out_dir, overwrite=overwrite)  # after every refusal: --overwrite keeps the old run till then
         store = open_features(cache, test.rows(), device, config, amp, plan, run, flipped)
@@ -148,8 +148,7 @@ def validation_split(labels: np.ndarray, splits: dict, config: TrainConfig, cach
 
 def feature_plan(cache, rows: np.ndarray, device, config: TrainConfig, amp: str | None, *,
                  max_memory: str | None, flipped: np.ndarray | None = None) -> dict:
-    """Resident bank or streaming for these rows (and the flipped maps of `flipped`) at the config's
-    feature dtype and batch sizes."""
+    """Resident bank or streaming for these rows (and `flipped`'s flipped maps) at the config's dtype and batches."""
     return memory_plan(cache, rows, device, bank_dtype(config.feature_dtype, amp), max_memory=max_memory,
                        batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
                        num_attributes=int(cache.att.shape[1]), flipped_rows=flipped)

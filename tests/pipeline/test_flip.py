@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
+from cache.reader import FeatureCache
 from pipeline.config import ConfigError
 from pipeline.features import NoFlippedMapsError
 from pipeline.memory import memory_plan
 from pipeline.runlog import read_metrics
 from pipeline.train import train
-from cache.reader import FeatureCache
 from tests.fixtures.caches import tiny_config, write_tiny_cache
 
 SHORT = dict(iterations=20, eval_every=10)
