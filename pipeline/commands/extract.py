@@ -137,8 +137,8 @@ def run_extract_scaled(options: ExtractOptions, *, cache_dir: str | None = None,
                                     overwrite=options.overwrite, log=log, **engine)
         return _into_store(store, dataset, spec, options, engine, log)
     if options.flip:  # the shard join (cache/shards.py) carries feature_map only: never drop the flips
-        raise ExtractError(f"{out}: --flip is not supported under torchrun yet (shards are joined without "
-                           "flipped maps); extract with --flip in one process")
+        raise ExtractError(f"{out if store is None else store.root}: --flip is not supported under torchrun yet "
+                           "(shards are joined without flipped maps); extract with --flip in one process")
     env = dist_env(options.device)
     with process_group(env), contextlib.ExitStack() as held:
         decision, failure = None, None

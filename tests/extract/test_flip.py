@@ -11,10 +11,14 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from PIL import Image
+
+import cli
 
 from cache.layout import partial_path
 from cache.reader import CacheError, FeatureCache
+from cache.store import Store
 from cache.shards import export_cache, join_shards
 from cache.verify import verify_cache
 from extract.backbones import build_backbone, build_transform
@@ -22,6 +26,7 @@ from extract.manifest import build_manifest
 from extract.reuse import ReuseError
 from tests.extract.test_extractor import SPEC, run
 from tests.extract.test_extractor_cli import done_rows
+from tests.fixtures.folder import cub_folder_dataset
 from tests.fixtures.images import image_dataset
 from tests.fixtures.processes import reaped
 
@@ -120,3 +125,31 @@ def test_a_killed_flip_extraction_resumes_and_matches_an_uninterrupted_one(tiny,
         assert torch.equal(cache.features(flipped=True), ref.features(flipped=True))
     assert verify_cache(out).verdict == "ok"
 
+
+
+def test_msdn_extract_flip_into_the_store_prints_the_flipped_key_and_verify_checks_both(shared_data, tmp_path,
+                                                                                        monkeypatch):
+    """The command line end to end: --flip reaches the extraction and the store's expected key."""
+    folder = cub_folder_dataset(tmp_path / "birds", shared_data, seen=4, unseen=2, per_class=3)
+    store = tmp_path / "store"
+
+    def extract(*extra, code=0):
+        result = CliRunner().invoke(cli.main, [
+            "extract", "--dataset", "folder", "--data-root", str(folder), "--backbone", "efficientnet_lite0",
+            "--image-size", "64", "--device", "cpu", "--workers", "0", "--no-progress", "--cache-dir", str(store),
+            *extra])
+        assert result.exit_code == code, result.output
+        return result.output.strip().splitlines()[-1]
+
+    flipped, plain = extract("--flip"), extract()
+    assert flipped != plain
+    with FeatureCache(Store(store).features_path(flipped)) as cache:
+        assert cache.has_flipped and cache.complete and cache.content_key == flipped
+    with FeatureCache(Store(store).features_path(plain)) as cache:
+        assert not cache.has_flipped
+    verified = CliRunner().invoke(cli.main, ["cache", "verify", flipped, "--cache-dir", str(store)])
+    assert verified.exit_code == 0, verified.output
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun: shards are joined without flipped maps, so refused
+    refusal = extract("--flip", code=1)
+    assert refusal.endswith(f"{store}: --flip is not supported under torchrun yet (shards are joined without "
+                            "flipped maps); extract with --flip in one process")
