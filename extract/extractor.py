@@ -77,7 +77,8 @@ def extract_features(dataset: ImageDataset, spec: BackboneSpec, out_path: str | 
         raise ExtractError(f"dtype must be one of {sorted(DTYPES)} and compression one of {COMPRESSIONS}, "
                            f"got {dtype!r} and {compression!r}")
     device = resolve_device(device)
-    batch_size = default_batch_size(spec.name, spec.image_size, device) if batch_size is None else batch_size
+    if batch_size is None:  # --flip runs each batch with its flip: half the images give the same forward size
+        batch_size = max(1, default_batch_size(spec.name, spec.image_size, device) // (2 if flip else 1))
     num_workers = default_num_workers(device) if num_workers is None else num_workers
     if batch_size < 1 or num_workers < 0:
         raise ExtractError(f"batch size must be >= 1 and workers >= 0, got {batch_size} and {num_workers}")
