@@ -113,7 +113,8 @@ class _CacheRows:
             self._buffer = torch.empty(math.prod(shape), dtype=self.cache.stored_dtype)
         block = self._buffer[:math.prod(shape)].view(shape)
         originals = int((np.arange(len(self.rows))[index] < self.flipped_from).sum())  # a slice: then flips
-        self.cache.features(rows=rows[:originals], out=block[:originals])
+        if originals:  # (an empty read is not one h5py can do)
+            self.cache.features(rows=rows[:originals], out=block[:originals])
         if originals < len(rows):
             self.cache.features(rows=rows[originals:], out=block[originals:], flipped=True)
         flat = block.flatten(1)

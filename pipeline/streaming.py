@@ -96,7 +96,8 @@ class StreamingFeatures:
             buffer = self._read_buffers[kind] = torch.empty(math.prod(shape), dtype=self.cache.stored_dtype)
         maps = buffer[:math.prod(shape)].view(shape)
         originals = int((~flipped).sum())
-        self.cache.features(rows=rows[order[:originals]], out=maps[:originals])
+        if originals:
+            self.cache.features(rows=rows[order[:originals]], out=maps[:originals])
         if originals < len(rows):
             self.cache.features(rows=rows[order[originals:]], out=maps[originals:], flipped=True)
         normalise_into(out, maps, order=np.argsort(order))  # back to the sampler's order

@@ -74,3 +74,14 @@ def test_the_memory_plan_counts_the_flipped_maps(flipped_cache):
     per_image = int(np.prod(cache.feature_shape)) * 2
     assert flipped["bank_bytes"] - plain["bank_bytes"] == len(train_rows) * per_image
     assert flipped["flipped_rows"] == len(train_rows) and "flipped_rows" not in plain
+
+
+def test_flip_one_streams_and_builds_the_bank_chunk_by_chunk_as_in_one_piece(flipped_cache, tmp_path, monkeypatch):
+    """All-flipped batches (streaming) and bank chunks holding only flipped maps (a chunk of 3 images)."""
+    config = tiny_config(flip=1.0, **SHORT)
+    train(config, flipped_cache, tmp_path / "whole", progress=False)
+    monkeypatch.setattr("pipeline.features.CHUNK_BYTES", 3 * 16 * 2 * 2 * 4)  # 3 float32 maps of the tiny cache
+    train(config, flipped_cache, tmp_path / "chunked", progress=False)
+    monkeypatch.setenv("MSDN_FEATURE_STORE", "streaming")
+    train(config, flipped_cache, tmp_path / "streamed", progress=False)
+    assert losses(tmp_path / "whole") == losses(tmp_path / "chunked") == losses(tmp_path / "streamed")
