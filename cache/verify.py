@@ -5,7 +5,8 @@
 2. Rows: every done row is decoded from its stored chunk (in threads, cache/chunk_check.py; other
    layouts through h5py) and its crc32 compared with `row_crc32`, naming each row that differs or
    cannot be decoded. A virtual (sharded) cache is read shard by shard against the joined file's
-   checksums; a missing shard is named (HDF5 would silently read zeros).
+   checksums; a missing shard is named (HDF5 would silently read zeros). A --flip file's
+   `feature_map_flipped` is checked the same way against `row_crc32_flipped`.
 Files without `row_crc32` (TransZero's, older ones) can only be read through: "readable, no checksums".
 Before the rows, the file is opened as training opens it (cache/reader.py: keys, shapes, labels within
 `att`'s classes, disjoint seen and unseen classes, `att` and `w2v_att` rows the heads can normalise:
