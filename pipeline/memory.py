@@ -149,7 +149,8 @@ def open_store(cache, rows, device: torch.device, dtype: str, plan: dict, *, bat
 
 def describe_plan(plan: dict) -> str:
     """One line for the log."""
-    text = (f"features: {plan['mode']} (bank {_gb(plan['bank_bytes'])}, runtime {_gb(plan['runtime_bytes'])}, "
+    flips = f" with {plan['flipped_rows']} training rows' flipped maps" if "flipped_rows" in plan else ""
+    text = (f"features: {plan['mode']} (bank {_gb(plan['bank_bytes'])}{flips}, runtime {_gb(plan['runtime_bytes'])}, "
             f"working set ~{_gb(plan['working_bytes'])}, limit {_gb(plan['limit_bytes'])} from "
             f"{plan['limit_from']}: {plan['reason']})")
     return (text + (f"; {plan['capped']}" if "capped" in plan else "")

@@ -8,7 +8,7 @@ import torch
 from cache.reader import FeatureCache
 from pipeline.config import ConfigError
 from pipeline.features import NoFlippedMapsError
-from pipeline.memory import memory_plan
+from pipeline.memory import describe_plan, memory_plan
 from pipeline.runlog import read_metrics
 from pipeline.train import train
 from tests.fixtures.caches import tiny_config, write_tiny_cache
@@ -74,6 +74,8 @@ def test_the_memory_plan_counts_the_flipped_maps(flipped_cache):
     per_image = int(np.prod(cache.feature_shape)) * 2
     assert flipped["bank_bytes"] - plain["bank_bytes"] == len(train_rows) * per_image
     assert flipped["flipped_rows"] == len(train_rows) and "flipped_rows" not in plain
+    assert f"with {len(train_rows)} training rows' flipped maps" in describe_plan(flipped)
+    assert "flipped" not in describe_plan(plain)
 
 
 def test_flip_one_streams_and_builds_the_bank_chunk_by_chunk_as_in_one_piece(flipped_cache, tmp_path, monkeypatch):
