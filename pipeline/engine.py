@@ -49,6 +49,8 @@ class DivergedError(UserError, RuntimeError):
     the likely cause. Nothing is recorded as a result (no summary.json)."""
 
 
+FLIP_SEED_OFFSET = 7919  # flip coins: a stream apart from the sampler's (seeded with config.seed)
+
 def resolve_amp(amp: str, device: torch.device) -> str:
     """The autocast precision a run on `device` uses for config amp = `amp` (pipeline/precision.py
     says why; it warns when bf16 is asked on a CPU without native bf16)."""
@@ -124,7 +126,10 @@ def fit(model: MSDN, store: ResidentFeatures, train_rows: np.ndarray, train_labe
     labels_idx = torch.as_tensor(train_labels, dtype=torch.long, device=store.index_device)
     sampler = build_sampler(config.sampler, labels_idx, config.batch_size, config.seed)
     if config.flip > 0:  # the one place a training sample turns into its flipped image's map
-        positions = FlippedDraw(positions, store.flipped_positions(train_rows), config.flip, sampler.generator)
+        # its own generator: the sampler's batches stay those of flip = 0 (runs of one seed stay paired)
+        coins = torch.Generator(device=labels_idx.device)
+        coins.manual_seed(config.seed + FLIP_SEED_OFFSET)
+        positions = FlippedDraw(positions, store.flipped_positions(train_rows), config.flip, coins)
     optimizer = build_optimizer(model, config)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     check_each_step = device.type in CHECK_EACH_STEP_ON

@@ -240,7 +240,7 @@ def flipped_positions(store, cache_rows: np.ndarray) -> torch.Tensor:
 
 class FlippedDraw:
     """`positions[picked]` (as a tensor of positions), each sample swapped for its flipped map's
-    position with probability `p`, drawn per sample from `generator` (the sampler's: the run's seed)."""
+    position with probability `p`, drawn per sample from `generator` (seeded from the run's seed)."""
 
     def __init__(self, positions: torch.Tensor, flipped: torch.Tensor, p: float, generator: torch.Generator):
         self.positions, self.flipped, self.p, self.generator = positions, flipped, p, generator

@@ -87,3 +87,16 @@ def test_flip_one_streams_and_builds_the_bank_chunk_by_chunk_as_in_one_piece(fli
     monkeypatch.setenv("MSDN_FEATURE_STORE", "streaming")
     train(config, flipped_cache, tmp_path / "streamed", progress=False)
     assert losses(tmp_path / "whole") == losses(tmp_path / "chunked") == losses(tmp_path / "streamed")
+
+
+def test_flip_draws_leave_the_batches_of_flip_zero_alone(tmp_path):
+    """Runs of one seed stay paired: with flipped maps equal to the originals, flip = 0.5 trains
+    exactly as flip = 0 (the coins come from their own generator, not the sampler's)."""
+    import h5py
+
+    cache = write_tiny_cache(tmp_path / "same.h5", flipped=True)
+    with h5py.File(cache, "r+") as f:
+        f["feature_map_flipped"][...] = f["feature_map"][...]
+    train(tiny_config(**SHORT), cache, tmp_path / "zero", progress=False)
+    train(tiny_config(flip=0.5, **SHORT), cache, tmp_path / "half", progress=False)
+    assert losses(tmp_path / "zero") == losses(tmp_path / "half")
