@@ -51,6 +51,7 @@ class DivergedError(UserError, RuntimeError):
 
 FLIP_SEED_OFFSET = 7919  # flip coins: a stream apart from the sampler's (seeded with config.seed)
 
+
 def resolve_amp(amp: str, device: torch.device) -> str:
     """The autocast precision a run on `device` uses for config amp = `amp` (pipeline/precision.py
     says why; it warns when bf16 is asked on a CPU without native bf16)."""
