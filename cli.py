@@ -171,8 +171,11 @@ def main(debug) -> None:
                    "when --out is not given]. Prints the key.")
 @click.option("--materialize", is_flag=True,
               help="Under torchrun: join the ranks' shards into one file instead of a virtual dataset.")
+@click.option("--flip", is_flag=True,
+              help="Also store each image's horizontally flipped map (for the `flip` training key): "
+                   "about 2x the backbone time and file size.")
 def extract(dataset, out, data_root, xlsa17_root, w2v_root, w2v, backbone, image_size, weights, batch_size, device,
-            dtype, compression, workers, resume, skip_bad, overwrite, quiet, offline, cache_dir, materialize):
+            dtype, compression, workers, resume, skip_bad, overwrite, quiet, offline, cache_dir, materialize, flip):
     """Stream a dataset's images through a frozen backbone into one HDF5 feature cache."""
     from pipeline.commands.extract import ExtractOptions, run
 
@@ -180,7 +183,7 @@ def extract(dataset, out, data_root, xlsa17_root, w2v_root, w2v, backbone, image
                              w2v_root=w2v_root, w2v=w2v, backbone=backbone, image_size=image_size, weights=weights,
                              batch_size=batch_size, device=device, dtype=dtype, compression=compression,
                              workers=workers, resume=resume, skip_bad=skip_bad, overwrite=overwrite,
-                             progress=not quiet, offline=offline)
+                             progress=not quiet, offline=offline, flip=flip)
     key = run(options, cache_dir=cache_dir, materialize=materialize, log=lambda msg: click.echo(msg, err=True))
     if key:
         click.echo(key)

@@ -33,6 +33,10 @@ vector size, (C, H, W) = the backbone's feature map shape.
                                                  re-reads every row against it. Independent of the
                                                  compression, so it survives recompression and export.
                                                  ABSENT in TransZero's and older files ("no checksums").
+    feature_map_flipped (N, C, H, W) as feature_map: the map of the horizontally flipped image
+                                                 (`msdn extract --flip`); ABSENT otherwise. Written
+                                                 with feature_map, before done[i]: done covers both.
+    row_crc32_flipped (N,)         uint32       row_crc32 of feature_map_flipped; present with it
     attrs["manifest"]     JSON string: see extract/manifest.py (backbone, dtype, dataset fingerprint,
                                        package versions, content_key)
     attrs["content_key"]  sha256 hex of the content-defining part of the manifest
@@ -84,6 +88,10 @@ IMAGE_BYTES = "image_bytes"
 DONE = "done"
 SKIPPED = "skipped"
 ROW_CRC32 = "row_crc32"
+FLIPPED_FEATURES = "feature_map_flipped"
+FLIPPED_ROW_CRC32 = "row_crc32_flipped"
+# Each stored map with its checksum key: the original, and (--flip) the flipped image's.
+MAP_KEYS = ((FEATURES, ROW_CRC32), (FLIPPED_FEATURES, FLIPPED_ROW_CRC32))
 MANIFEST_ATTR = "manifest"
 CONTENT_KEY_ATTR = "content_key"
 
@@ -125,9 +133,10 @@ def compression_options(compression: str) -> dict:
 
 
 def create_cache_file(path: str | Path, *, dataset, feature_shape: tuple[int, int, int], dtype: str,
-                      compression: str, manifest: dict, image_bytes: np.ndarray | None = None) -> Path:
+                      compression: str, manifest: dict, image_bytes: np.ndarray | None = None,
+                      flipped: bool = False) -> Path:
     """Create `path` with every key, metadata filled in and no row done. Atomic: the file appears
-    under its name only once fully written."""
+    under its name only once fully written. `flipped`: also the flipped images' maps (--flip)."""
     path = Path(path)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -135,8 +144,9 @@ def create_cache_file(path: str | Path, *, dataset, feature_shape: tuple[int, in
     tmp = path.with_name(path.name + ".creating")
     path.parent.mkdir(parents=True, exist_ok=True)  # `--out runs/new/cub.h5` makes runs/new
     with h5py.File(tmp, "w", libver=LIBVER) as f:
-        f.create_dataset(FEATURES, shape=(n, c, h, w), dtype=DTYPES[dtype], chunks=(1, c, h, w),
-                         fillvalue=0, **compression_options(compression))
+        for key, _ in MAP_KEYS[:2 if flipped else 1]:
+            f.create_dataset(key, shape=(n, c, h, w), dtype=DTYPES[dtype], chunks=(1, c, h, w),
+                             fillvalue=0, **compression_options(compression))
         f.create_dataset(LABELS, data=dataset.labels.astype(np.int64))
         for key in REQUIRED_SPLITS + OPTIONAL_SPLITS:
             if key in dataset.splits:
@@ -155,7 +165,8 @@ def create_cache_file(path: str | Path, *, dataset, feature_shape: tuple[int, in
         # Allocated now (data=...), so that marking rows later only rewrites bytes in place.
         f.create_dataset(DONE, data=np.zeros(n, dtype=bool))
         f.create_dataset(SKIPPED, data=np.zeros(n, dtype=bool))
-        f.create_dataset(ROW_CRC32, data=np.zeros(n, dtype=np.uint32))
+        for _, crc_key in MAP_KEYS[:2 if flipped else 1]:
+            f.create_dataset(crc_key, data=np.zeros(n, dtype=np.uint32))
         f.attrs["format"] = FORMAT
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs[MANIFEST_ATTR] = json.dumps(manifest, sort_keys=True)

@@ -57,6 +57,11 @@ class FeatureCache:
         if fm.dtype.kind != "f":
             raise CacheError(f"{self.path}: {L.FEATURES} has dtype {fm.dtype}, expected a float type")
         n = fm.shape[0]
+        flipped = f.get(L.FLIPPED_FEATURES)
+        if flipped is not None and (flipped.shape, flipped.dtype) != (fm.shape, fm.dtype):
+            raise CacheError(f"{self.path}: {L.FLIPPED_FEATURES} has shape {flipped.shape} {flipped.dtype}, expected "
+                             f"{fm.shape} {fm.dtype} as {L.FEATURES}")
+        self.has_flipped = flipped is not None  # `msdn extract --flip`: the flipped images' maps too
         self.num_images, self.feature_shape = n, tuple(int(x) for x in fm.shape[1:])
         self.labels = self._vector(L.LABELS, n)
         self.att = self._float_matrix(L.ATT)
@@ -158,8 +163,10 @@ class FeatureCache:
 
     # ------------------------------------------------------------------ feature maps
     def features(self, rows=None, device="cpu", dtype: torch.dtype = torch.float16, *,
-                 allow_incomplete: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Feature maps of `rows` (default: all) as one (n, C, H, W) tensor on `device`.
+                 allow_incomplete: bool = False, out: torch.Tensor | None = None,
+                 flipped: bool = False) -> torch.Tensor:
+        """Feature maps of `rows` (default: all) as one (n, C, H, W) tensor on `device`; `flipped`:
+        the flipped images' maps instead (a --flip cache; same checks).
 
         Read in chunks of rows straight into a preallocated tensor (pinned staging when the target
         is CUDA); the stored dtype is converted by torch, never through float64. `out`: a CPU
@@ -167,6 +174,9 @@ class FeatureCache:
         ~32 MB tensor per call fragments glibc's heap, which then keeps several of them mapped).
         """
         rows = np.arange(self.num_images) if rows is None else np.asarray(rows, dtype=np.int64).reshape(-1)
+        if flipped and not self.has_flipped:
+            raise CacheError(f"{self.path}: holds no flipped feature maps; extract it again with `msdn extract --flip`")
+        key = L.FLIPPED_FEATURES if flipped else L.FEATURES
         if rows.size and (rows.min() < 0 or rows.max() >= self.num_images):
             raise CacheError(f"{self.path}: rows outside [0, {self.num_images}) requested")
         not_done = rows[~self.done[rows]]
@@ -179,7 +189,7 @@ class FeatureCache:
                     tuple(out.shape) != (rows.size, *self.feature_shape) or not out.is_contiguous():
                 raise ValueError(f"FeatureCache.features: out must be a contiguous CPU "
                                  f"{(rows.size, *self.feature_shape)} tensor of {self.stored_dtype}")
-            self._read_rows(rows, out.numpy())
+            self._read_rows(rows, out.numpy(), key)
             return out
         device = torch.device(device)
         out = torch.empty((rows.size, *self.feature_shape), dtype=dtype, device=device)
@@ -187,14 +197,14 @@ class FeatureCache:
         step = max(1, _CHUNK_BYTES // (int(np.prod(self.feature_shape)) * stored.itemsize))
         if device.type == "cpu" and torch.from_numpy(np.empty(0, stored)).dtype == dtype:
             for begin in range(0, rows.size, step):  # same dtype: h5py writes into the tensor itself
-                self._read_rows(rows[begin:begin + step], out[begin:begin + step].numpy())
+                self._read_rows(rows[begin:begin + step], out[begin:begin + step].numpy(), key)
             return out
         buffer = np.empty((min(step, max(rows.size, 1)), *self.feature_shape), dtype=stored)
         staging = torch.empty(buffer.shape, dtype=dtype, pin_memory=True) if device.type == "cuda" else None
         for begin in range(0, rows.size, step):
             block = rows[begin:begin + step]
             host = torch.from_numpy(buffer[:block.size])
-            self._read_rows(block, buffer[:block.size])
+            self._read_rows(block, buffer[:block.size], key)
             if staging is None:
                 out[begin:begin + block.size].copy_(host)
             else:
@@ -203,20 +213,19 @@ class FeatureCache:
                 out[begin:begin + block.size].copy_(staging[:block.size])
         return out
 
-    def _read_rows(self, rows: np.ndarray, into: np.ndarray) -> None:
-        """into[k] = feature_map[rows[k]], contiguous runs in one call each; errors name the row."""
-        ds = self.file[L.FEATURES]
+    def _read_rows(self, rows: np.ndarray, into: np.ndarray, key: str = L.FEATURES) -> None:
+        """into[k] = <key>[rows[k]], contiguous runs in one call each; errors name the row."""
+        ds = self.file[key]
         breaks = np.flatnonzero(np.diff(rows) != 1) + 1
         for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, rows.size]):
             start = int(rows[lo])
             try:
                 ds.read_direct(into, np.s_[start:start + hi - lo], np.s_[lo:hi])
             except (OSError, RuntimeError) as err:
-                bad = self._first_unreadable(range(start, start + hi - lo))
-                raise CacheError(f"{self.path}: cannot read {L.FEATURES} row {bad} (damaged file?): {err}") from None
+                bad = self._first_unreadable(ds, range(start, start + hi - lo))
+                raise CacheError(f"{self.path}: cannot read {key} row {bad} (damaged file?): {err}") from None
 
-    def _first_unreadable(self, rows) -> int | None:
-        ds = self.file[L.FEATURES]
+    def _first_unreadable(self, ds, rows) -> int | None:
         for row in rows:
             try:
                 ds[row]

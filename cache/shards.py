@@ -47,6 +47,7 @@ def join_shards(out: str | Path, shards: list[Path], dataset, manifest: dict, *,
             raise CacheError(f"{out}: shards hold {sum(sizes)} rows, the dataset has {dataset.num_images}")
         first = opened[0].file[L.FEATURES]
         for cache in opened:
+            _refuse_flipped(cache, "joining shards")
             fm = cache.file[L.FEATURES]
             if (fm.shape[1:], fm.dtype, fm.compression) != (first.shape[1:], first.dtype, first.compression):
                 raise CacheError(f"{cache.path}: shard layout {fm.shape[1:]} {fm.dtype} {fm.compression} differs "
@@ -72,6 +73,13 @@ def join_shards(out: str | Path, shards: list[Path], dataset, manifest: dict, *,
         for path in shards:
             Path(path).unlink()
     return out
+
+
+def _refuse_flipped(cache: FeatureCache, what: str) -> None:
+    """Never drop a --flip cache's flipped maps silently: these paths carry feature_map only."""
+    if cache.has_flipped:
+        raise CacheError(f"{cache.path}: holds flipped maps ({L.FLIPPED_FEATURES}), which {what} does not carry yet; "
+                         "copy the file as it is (msdn cache push/pull carry it whole)")
 
 
 def _column(cache: FeatureCache, key: str) -> np.ndarray:
@@ -126,6 +134,7 @@ def export_cache(source: str | Path, dest: str | Path, *, dtype: str | None = No
         if cache.skipped.any() and log:
             log(f"{int(cache.skipped.sum())} skipped row(s) left out of the split locations "
                 f"({L.dropped_counts(cache.splits, usable) or 'no split held them'})")
+        _refuse_flipped(cache, "export")
         f, fm = cache.file, cache.file[L.FEATURES]
         dtype = dtype or str(fm.dtype)
         compression = compression or (_compression_of(fm) if not fm.is_virtual else _compression_of_sources(cache))

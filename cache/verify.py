@@ -5,7 +5,8 @@
 2. Rows: every done row is decoded from its stored chunk (in threads, cache/chunk_check.py; other
    layouts through h5py) and its crc32 compared with `row_crc32`, naming each row that differs or
    cannot be decoded. A virtual (sharded) cache is read shard by shard against the joined file's
-   checksums; a missing shard is named (HDF5 would silently read zeros).
+   checksums; a missing shard is named (HDF5 would silently read zeros). A --flip file's
+   `feature_map_flipped` is checked the same way against `row_crc32_flipped`.
 Files without `row_crc32` (TransZero's, older ones) can only be read through: "readable, no checksums".
 Before the rows, the file is opened as training opens it (cache/reader.py: keys, shapes, labels within
 `att`'s classes, disjoint seen and unseen classes, `att` and `w2v_att` rows the heads can normalise:
@@ -158,6 +159,8 @@ def _check_rows(f, report: VerifyReport, entry_files: set[str] | None = None) ->
     report.rows_not_done = int((~done).sum())
     report.has_checksums = L.ROW_CRC32 in f
     expected = np.asarray(f[L.ROW_CRC32][()], dtype=np.uint32) if report.has_checksums else None
+    if L.FLIPPED_FEATURES in f:
+        _check_flipped(f, np.flatnonzero(done), report)
     if not ds.is_virtual:
         return _check_dataset(ds, np.flatnonzero(done), 0, expected, report)
     # A virtual cache: each shard's rows against the joined file's checksums. HDF5 would read a
@@ -178,6 +181,19 @@ def _check_rows(f, report: VerifyReport, entry_files: set[str] | None = None) ->
             continue
         with h5py.File(path, "r") as shard:
             _check_dataset(shard[source.dset_name], rows, first, expected, report)
+
+
+def _check_flipped(f, rows: np.ndarray, report: VerifyReport) -> None:
+    """The flipped images' maps (`msdn extract --flip`) against their own checksums; bad rows are
+    named with the key, as file problems (the row counts stay those of feature_map)."""
+    flipped = VerifyReport(report.path)
+    expected = np.asarray(f[L.FLIPPED_ROW_CRC32][()], dtype=np.uint32) if L.FLIPPED_ROW_CRC32 in f else None
+    _check_dataset(f[L.FLIPPED_FEATURES], rows, 0, expected, flipped)
+    report.bytes_read += flipped.bytes_read
+    for label, bad in (("checksum mismatch", flipped.corrupt_rows), ("cannot decode", flipped.unreadable_rows)):
+        if bad:
+            shown = ", ".join(map(str, bad[:_SHOW])) + (", ..." if len(bad) > _SHOW else "")
+            report.file_problems.append(f"{L.FLIPPED_FEATURES}: {label} in {len(bad)} row(s): {shown}")
 
 
 def _check_dataset(ds, rows: np.ndarray, offset: int, expected, report: VerifyReport) -> None:

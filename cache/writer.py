@@ -41,6 +41,8 @@ from cache.layout import (
     CONTENT_KEY_ATTR,
     DONE,
     FEATURES,
+    FLIPPED_FEATURES,
+    FLIPPED_ROW_CRC32,
     GZIP_LEVEL,
     LIBVER,
     ROW_CRC32,
@@ -72,6 +74,8 @@ class CacheWriter:
         self._done_ds, self._skipped_ds = self.file[DONE], self.file[SKIPPED]
         # Older files have no checksum key (and SWMR cannot add one): they are written without.
         self._crc_ds = self.file[ROW_CRC32] if ROW_CRC32 in self.file else None
+        # --flip files: the flipped images' maps, written with the originals before `done`.
+        self.flipped = self.file[FLIPPED_FEATURES] if FLIPPED_FEATURES in self.file else None
         self.done = self._done_ds[:]          # in-memory mirrors: the file is the source of truth
         self.skipped = self._skipped_ds[:]
 
@@ -87,26 +91,35 @@ class CacheWriter:
         """Rows without valid features yet (skipped rows are retried)."""
         return np.flatnonzero(~self.done)
 
-    def write(self, rows: np.ndarray, features: np.ndarray) -> None:
-        """Store features[k] in row rows[k], then mark those rows done (in that order)."""
+    def write(self, rows: np.ndarray, features: np.ndarray, flipped: np.ndarray | None = None) -> None:
+        """Store features[k] (and in a --flip file flipped[k]) in row rows[k], then mark those rows
+        done (in that order)."""
         rows = np.asarray(rows, dtype=np.int64)
-        if self._crc_ds is not None:  # crc32 releases the GIL: the codec's threads share the work
-            crcs = np.fromiter(self.codec.pool.map(lambda row: row_crc32(row, self.features.dtype), features),
-                               dtype=np.uint32, count=len(rows))
-            for start, stop, offset in _runs(rows):
-                self._crc_ds[start:stop] = crcs[offset:offset + stop - start]
-        if self.codec.direct:
-            tail = (0,) * (self.features.ndim - 1)
-            for row, (mask, chunk) in zip(rows.tolist(), self.codec.encode_rows(features)):
-                self.features.id.write_direct_chunk((row, *tail), chunk, mask)
-        else:
-            for start, stop, offset in _runs(rows):
-                self.features[start:stop] = features[offset:offset + stop - start]
+        if (flipped is None) != (self.flipped is None):
+            raise ValueError(f"{self.path}: flipped maps must be written exactly when the file holds "
+                             f"{FLIPPED_FEATURES}")
+        self._write_maps(rows, features, self.features, self._crc_ds)
+        if flipped is not None:
+            self._write_maps(rows, flipped, self.flipped, self.file[FLIPPED_ROW_CRC32])
         self.file.flush()
         self._set(self._done_ds, self.done, rows, True)
         if self.skipped[rows].any():
             self._set(self._skipped_ds, self.skipped, rows, False)
         self.file.flush()
+
+    def _write_maps(self, rows: np.ndarray, maps: np.ndarray, dataset, crc_dataset) -> None:
+        if crc_dataset is not None:  # crc32 releases the GIL: the codec's threads share the work
+            crcs = np.fromiter(self.codec.pool.map(lambda row: row_crc32(row, dataset.dtype), maps),
+                               dtype=np.uint32, count=len(rows))
+            for start, stop, offset in _runs(rows):
+                crc_dataset[start:stop] = crcs[offset:offset + stop - start]
+        if self.codec.direct:
+            tail = (0,) * (dataset.ndim - 1)
+            for row, (mask, chunk) in zip(rows.tolist(), self.codec.encode_rows(maps)):
+                dataset.id.write_direct_chunk((row, *tail), chunk, mask)
+        else:
+            for start, stop, offset in _runs(rows):
+                dataset[start:stop] = maps[offset:offset + stop - start]
 
     def mark_skipped(self, rows: np.ndarray) -> None:
         """Record unreadable images; their features stay zero (the fill value) and not done."""
@@ -202,7 +215,7 @@ def open_for_writing(path: Path) -> h5py.File:
 
 def recover_killed_file(path: Path) -> None:
     """Rewrite a file left by a killed SWMR writer: every key and attribute, and the done rows'
-    feature chunks byte for byte. Rows not done are left out (they are recomputed)."""
+    feature chunks (original and flipped) byte for byte. Rows not done are left out (they are recomputed)."""
     tmp = path.with_name(path.name + ".recovering")
     try:
         src = h5py.File(path, "r", libver=LIBVER, swmr=True)
@@ -212,15 +225,17 @@ def recover_killed_file(path: Path) -> None:
     with src, h5py.File(tmp, "w", libver=LIBVER) as dst:
         for key, value in src.attrs.items():
             dst.attrs[key] = value
+        maps = [key for key in (FEATURES, FLIPPED_FEATURES) if key in src]
         for key in src:
-            if key != FEATURES:
+            if key not in maps:
                 src.copy(src[key], dst, name=key)
         done = src[DONE][:]
-        source, target = src[FEATURES], dst.create_dataset_like(FEATURES, src[FEATURES])
-        for row in np.flatnonzero(done):
-            offset = (int(row),) + (0,) * (source.ndim - 1)
-            filter_mask, chunk = source.id.read_direct_chunk(offset)
-            target.id.write_direct_chunk(offset, chunk, filter_mask)
+        for key in maps:
+            source, target = src[key], dst.create_dataset_like(key, src[key])
+            for row in np.flatnonzero(done):
+                offset = (int(row),) + (0,) * (source.ndim - 1)
+                filter_mask, chunk = source.id.read_direct_chunk(offset)
+                target.id.write_direct_chunk(offset, chunk, filter_mask)
     os.replace(tmp, path)
 
 

@@ -65,8 +65,10 @@ def extract_features(dataset: ImageDataset, spec: BackboneSpec, out_path: str | 
                      batch_size: int | None = None, device: str = "auto", dtype: str = "float16",
                      compression: str = "lzf", resume: bool = False, skip_bad: bool = False,
                      overwrite: bool = False, num_workers: int | None = None, num_threads: int | None = None,
-                     progress: bool = True, log=None) -> Path:
+                     progress: bool = True, flip: bool = False, log=None) -> Path:
     """Extract `dataset` with backbone `spec` into `out_path`; returns the path of the finished file.
+    `flip`: also store each image's horizontally flipped map (`feature_map_flipped`; the heads treat
+    regions as a set, so only a flipped IMAGE through the backbone gives a different map).
     `num_threads`: torch CPU threads during the run (default: the current count less the decoding
     workers, so that the two never fight over the cores)."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
@@ -75,7 +77,8 @@ def extract_features(dataset: ImageDataset, spec: BackboneSpec, out_path: str | 
         raise ExtractError(f"dtype must be one of {sorted(DTYPES)} and compression one of {COMPRESSIONS}, "
                            f"got {dtype!r} and {compression!r}")
     device = resolve_device(device)
-    batch_size = default_batch_size(spec.name, spec.image_size, device) if batch_size is None else batch_size
+    if batch_size is None:  # --flip runs each batch with its flip: half the images give the same forward size
+        batch_size = max(1, default_batch_size(spec.name, spec.image_size, device) // (2 if flip else 1))
     num_workers = default_num_workers(device) if num_workers is None else num_workers
     if batch_size < 1 or num_workers < 0:
         raise ExtractError(f"batch size must be >= 1 and workers >= 0, got {batch_size} and {num_workers}")
@@ -86,24 +89,25 @@ def extract_features(dataset: ImageDataset, spec: BackboneSpec, out_path: str | 
     manifest = build_manifest(dataset, spec, dtype=dtype, compression=compression, compute={
         "device": device.type, "autocast": str(amp).replace("torch.", "") if amp else None,
         "channels_last": True, "batch_size": batch_size}, backbone_description=describe(spec),
-        image_sizes=image_bytes)
+        image_sizes=image_bytes, flipped=flip)
     with output_lock(out, log):  # held until `out` is renamed into place: one writer per file
         return _extract_locked(dataset, spec, out, partial, manifest, image_bytes, batch_size=batch_size,
                                device=device, amp=amp, dtype=dtype, compression=compression, resume=resume,
                                skip_bad=skip_bad, overwrite=overwrite, num_workers=num_workers,
-                               num_threads=num_threads, progress=progress, log=log)
+                               num_threads=num_threads, progress=progress, flip=flip, log=log)
 
 
 def _extract_locked(dataset, spec, out: Path, partial: Path, manifest: dict, image_bytes, *, batch_size, device,
                     amp, dtype, compression, resume, skip_bad, overwrite, num_workers, num_threads, progress,
-                    log) -> Path:
+                    flip, log) -> Path:
     """The extraction proper, with `out`'s lock held (cache/writer.py: output_lock)."""
     if check_existing(out, partial, manifest, image_bytes, resume=resume, overwrite=overwrite, log=log):
         return out
     if not partial.exists():
         try:
             create_cache_file(partial, dataset=dataset, feature_shape=feature_shape(spec), dtype=dtype,
-                              compression=compression, manifest=manifest, image_bytes=image_bytes)
+                              compression=compression, manifest=manifest, image_bytes=image_bytes,
+                              flipped=flip)
         except BaseException:  # a full disk or Ctrl-C while creating: leave no half-made file behind
             partial.with_name(partial.name + ".creating").unlink(missing_ok=True)
             raise
@@ -111,7 +115,7 @@ def _extract_locked(dataset, spec, out: Path, partial: Path, manifest: dict, ima
     with CacheWriter(partial, codec_threads=_codec_threads(device)) as writer:
         todo = writer.todo_rows()
         if len(todo):
-            log(size_line(spec, writer.num_images, dtype, compression))
+            log(size_line(spec, writer.num_images, dtype, compression, flip))
             log(f"extracting {len(todo)} of {writer.num_images} images of {dataset.name} with {spec.name} "
                 f"@{spec.image_size}px on {device} (batch {batch_size}, {num_workers} workers"
                 f"{', autocast ' + str(amp).replace('torch.', '') if amp else ''}) -> {partial}")
@@ -137,16 +141,16 @@ def _extract_locked(dataset, spec, out: Path, partial: Path, manifest: dict, ima
     return out
 
 
-def size_line(spec: BackboneSpec, num_images: int, dtype: str, compression: str) -> str:
+def size_line(spec: BackboneSpec, num_images: int, dtype: str, compression: str, flip: bool = False) -> str:
     """The image size (and whether it is the backbone's default) and the file size to expect, said
     before the work starts; the size is before compression (lzf/gzip store post-ReLU maps in less)."""
     channels, height, width = feature_shape(spec)
     default, why = default_image_size(spec.name)
     origin = f"{spec.name}'s default, {why}" if spec.image_size == default else f"{spec.name}'s default is {default}"
-    stored = num_images * channels * height * width * np.dtype(DTYPES[dtype]).itemsize
+    stored = num_images * channels * height * width * np.dtype(DTYPES[dtype]).itemsize * (2 if flip else 1)
     return (f"image size {spec.image_size} px ({origin}; --image-size sets it): maps {channels} x {height} x "
-            f"{width}, {num_images} images -> about {human_bytes(stored)} of {dtype} features before {compression} "
-            "compression")
+            f"{width}, {num_images} images{' and their flips' if flip else ''} -> about {human_bytes(stored)} of "
+            f"{dtype} features before {compression} compression")
 
 
 def _write_usable_locations(partial: Path, splits: dict) -> str:
@@ -175,7 +179,7 @@ def _run(dataset, spec, writer: CacheWriter, todo: np.ndarray, *, batch_size, de
     throttle = float(os.environ.get("MSDN_EXTRACT_THROTTLE_S", 0))
     try:
         for rows, batch, errors in loader:
-            maps, finite, ready = forward_batch(model, batch, device, amp, dtype)
+            maps, finite, ready = forward_batch(model, batch, device, amp, dtype, flip=writer.flipped is not None)
             if pending is not None:
                 _store(writer, *pending, images, skip_bad, bar)
                 if throttle:
@@ -187,16 +191,21 @@ def _run(dataset, spec, writer: CacheWriter, todo: np.ndarray, *, batch_size, de
         bar.close()
 
 
-def forward_batch(model, batch: torch.Tensor, device, amp, dtype):
+def forward_batch(model, batch: torch.Tensor, device, amp, dtype, flip: bool = False):
     """Run the backbone; on CUDA only enqueue it, with a copy of the maps into pinned host memory,
     and return the event that says when that copy has landed. Also returns, per image, whether its
     maps are finite as stored: the cast to float16 turns values above 65504 into inf (a float32
-    sum per image is non-finite exactly when some value is; copied back with the maps, no wait)."""
+    sum per image is non-finite exactly when some value is; copied back with the maps, no wait).
+    `flip`: one forward of the batch and its horizontal flip (width axis); the maps of the flipped
+    images follow the originals' (2n rows), and an image is finite only when both of its maps are."""
     autocast = torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext()
     with torch.inference_mode(), autocast:
-        x = batch.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        maps = model(x).to(dtype).contiguous()  # NCHW rows, as stored
+        x = batch.to(device, non_blocking=True)
+        x = torch.cat([x, torch.flip(x, dims=[3])]) if flip else x
+        maps = model(x.contiguous(memory_format=torch.channels_last)).to(dtype).contiguous()  # NCHW rows, as stored
         finite = torch.isfinite(maps.flatten(1).sum(1, dtype=torch.float32))
+        if flip:
+            finite = finite[:len(batch)] & finite[len(batch):]
         if device.type != "cuda":
             return maps, finite, None
         host = torch.empty(maps.shape, dtype=maps.dtype, pin_memory=True)
@@ -215,7 +224,9 @@ def _store(writer: CacheWriter, rows: np.ndarray, maps: torch.Tensor, finite: to
     read = np.array([not e for e in errors], dtype=bool)
     good = read & finite.numpy()
     if good.any():
-        writer.write(rows[good], maps.numpy()[good])
+        stored = maps.numpy()
+        flipped = stored[len(rows):][good] if writer.flipped is not None else None
+        writer.write(rows[good], stored[:len(rows)][good], flipped)
     bar.update(int(good.sum()))
     if good.all():
         return

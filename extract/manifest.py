@@ -24,15 +24,17 @@ def image_file_sizes(dataset) -> np.ndarray:
 
 def build_manifest(dataset, spec, *, dtype: str = "float16", compression: str = "lzf",
                    compute: dict | None = None, backbone_description: dict | None = None,
-                   image_sizes: np.ndarray | None = None) -> dict:
+                   image_sizes: np.ndarray | None = None, flipped: bool = False) -> dict:
     """Full manifest for extracting `dataset` with backbone `spec`. `compute` records how it ran
     (device, autocast dtype, batch size): provenance only. `image_sizes`: image_file_sizes(dataset),
-    when the caller already has them."""
+    when the caller already has them. `flipped`: the file also holds the flipped images' maps (a
+    different content key)."""
     from extract.backbones import describe, feature_shape
 
     backbone = backbone_description if backbone_description is not None else describe(spec)
     content = content_part(backbone, feature_shape(spec), dtype, dataset.name, dataset.fingerprint(),
-                           sizes_sha256(image_file_sizes(dataset) if image_sizes is None else image_sizes))
+                           sizes_sha256(image_file_sizes(dataset) if image_sizes is None else image_sizes),
+                           flipped=flipped)
     manifest = {
         "format": FORMAT,
         "content": content,

@@ -59,6 +59,9 @@ class TrainConfig:
     # validation H (then AUSUC) than the best so far; 0 = off (the paper recipes: their schedule runs out)
     patience: int = 0
     gamma: float = 0.0              # calibrated stacking on top of the heads' fixed +-bias
+    # augmentation: the probability that a training sample reads the map of its horizontally flipped
+    # image (a cache extracted with `msdn extract --flip`); evaluation never does. 0 = not loaded.
+    flip: float = 0.0
     # speed
     amp: str = "auto"               # auto = bf16 on CUDA, none on CPU
     feature_dtype: str = "float16"  # how cached features are held in memory
@@ -76,6 +79,7 @@ class TrainConfig:
              "batch_size, iterations, eval_every, log_every and eval_batch_size must be positive"),
             (0.0 < self.val_seen_fraction < 1.0, f"val_seen_fraction must lie in (0, 1), got {self.val_seen_fraction}"),
             (self.seed >= 0, f"seed must be >= 0, got {self.seed}"),
+            (0.0 <= self.flip <= 1.0, f"flip must lie in [0, 1] (a probability), got {self.flip}"),
             (self.patience >= 0, f"patience must be >= 0 (0 = no early stopping), got {self.patience}"),
             # RMSprop: alpha >= 1 never forgets the first squared gradients (or, above 1, makes their
             # average negative: NaN steps); momentum >= 1 makes the steps grow without bound

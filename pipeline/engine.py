@@ -26,7 +26,7 @@ from cache.errors import UserError
 from extract.progress import progress_bar
 from heads.msdn import MSDN
 from heads.regions import Regions
-from pipeline.features import ResidentFeatures
+from pipeline.features import FlippedDraw, ResidentFeatures
 from pipeline.metrics import gzsl_accuracy, gzsl_report, harmonic_mean
 from pipeline.precision import choose_amp
 from pipeline.samplers import build_sampler
@@ -47,6 +47,9 @@ CHECK_EACH_STEP_ON = ("cpu",)
 class DivergedError(UserError, RuntimeError):
     """Training met a non-finite loss or score; the message names the step, the loss terms and
     the likely cause. Nothing is recorded as a result (no summary.json)."""
+
+
+FLIP_SEED_OFFSET = 7919  # flip coins: a stream apart from the sampler's (seeded with config.seed)
 
 
 def resolve_amp(amp: str, device: torch.device) -> str:
@@ -123,6 +126,11 @@ def fit(model: MSDN, store: ResidentFeatures, train_rows: np.ndarray, train_labe
     positions = store.positions(train_rows)
     labels_idx = torch.as_tensor(train_labels, dtype=torch.long, device=store.index_device)
     sampler = build_sampler(config.sampler, labels_idx, config.batch_size, config.seed)
+    if config.flip > 0:  # the one place a training sample turns into its flipped image's map
+        # its own generator: the sampler's batches stay those of flip = 0 (runs of one seed stay paired)
+        coins = torch.Generator(device=labels_idx.device)
+        coins.manual_seed(config.seed + FLIP_SEED_OFFSET)
+        positions = FlippedDraw(positions, store.flipped_positions(train_rows), config.flip, coins)
     optimizer = build_optimizer(model, config)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     check_each_step = device.type in CHECK_EACH_STEP_ON

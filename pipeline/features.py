@@ -12,10 +12,12 @@ buffers and copied asynchronously, overlapping the copy of batch t+1 with the co
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 
+from cache.errors import UserError
 from cache.reader import CacheError
 from heads.regions import Regions, as_maps, normalise_into
 
@@ -94,8 +96,10 @@ class _CacheRows:
     65504, and a row written as NaN passes its checksum. The test is one float32 sum per image (NaN
     or inf anywhere makes it non-finite), a few percent of the time the bank takes to build."""
 
-    def __init__(self, cache, rows: np.ndarray):
-        self.cache, self.rows = cache, rows
+    def __init__(self, cache, rows: np.ndarray, flipped_rows: np.ndarray | None = None):
+        # `flipped_rows` follow `rows`: their flipped images' maps (a --flip cache)
+        flipped_rows = np.empty(0, np.int64) if flipped_rows is None else flipped_rows
+        self.cache, self.rows, self.flipped_from = cache, np.concatenate([rows, flipped_rows]), len(rows)
         self._buffer = torch.empty(0, dtype=cache.stored_dtype)
         self.nan_rows, self.inf_rows = set(), set()
 
@@ -107,7 +111,12 @@ class _CacheRows:
         shape = (len(rows), *self.cache.feature_shape)
         if self._buffer.numel() < math.prod(shape):
             self._buffer = torch.empty(math.prod(shape), dtype=self.cache.stored_dtype)
-        block = self.cache.features(rows=rows, out=self._buffer[:math.prod(shape)].view(shape))
+        block = self._buffer[:math.prod(shape)].view(shape)
+        originals = int((np.arange(len(self.rows))[index] < self.flipped_from).sum())  # a slice: then flips
+        if originals:  # (an empty read is not one h5py can do)
+            self.cache.features(rows=rows[:originals], out=block[:originals])
+        if originals < len(rows):
+            self.cache.features(rows=rows[originals:], out=block[originals:], flipped=True)
         flat = block.flatten(1)
         if not bool(torch.isfinite(flat.sum(1, dtype=torch.float32)).all()):
             self.inf_rows.update(rows[torch.isinf(flat).any(1).numpy()].tolist())
@@ -130,15 +139,18 @@ class _CacheRows:
 
 
 class ResidentFeatures:
+    """The bank of `rows`, followed (flip > 0) by the flipped maps of `flipped_rows` (training rows)."""
+
     def __init__(self, cache, rows: np.ndarray, device: torch.device, dtype: str = "float16",
-                 max_batch: int = 1024):
+                 max_batch: int = 1024, flipped_rows: np.ndarray | None = None):
         self.rows = np.unique(rows)
+        self.flipped_rows = np.unique(flipped_rows) if flipped_rows is not None else np.empty(0, np.int64)
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
-        nbytes = len(self.rows) * math.prod(cache.feature_shape) * self.dtype.itemsize
+        nbytes = (len(self.rows) + len(self.flipped_rows)) * math.prod(cache.feature_shape) * self.dtype.itemsize
         self.resident = self.device.type != "cuda" or device_holds(nbytes, self.device)
         self.index_device = self.device if self.resident else torch.device("cpu")
-        source = _CacheRows(cache, self.rows)
+        source = _CacheRows(cache, self.rows, self.flipped_rows)
         self.bank = RegionBank(source, dtype=self.dtype, device=self.index_device,
                                pin_memory=not self.resident)
         source.refuse_nonfinite()
@@ -166,6 +178,9 @@ class ResidentFeatures:
     def positions(self, cache_rows: np.ndarray) -> torch.Tensor:
         """Positions in this store of cache rows (all must be held)."""
         return held_positions(self, cache_rows)
+
+    def flipped_positions(self, cache_rows: np.ndarray) -> torch.Tensor:
+        return flipped_positions(self, cache_rows)
 
     def gather(self, positions: torch.Tensor) -> Regions:
         """Regions of the images at `positions` (on `index_device`), delivered on `device`."""
@@ -200,6 +215,39 @@ def held_positions(store, cache_rows: np.ndarray) -> torch.Tensor:
     if len(cache_rows) and (pos.max() >= len(store.rows) or not np.array_equal(store.rows[pos], cache_rows)):
         raise KeyError(f"{type(store).__name__}.positions: some rows are not held")
     return torch.as_tensor(pos, dtype=torch.long, device=store.index_device)
+
+
+class NoFlippedMapsError(UserError, ValueError):
+    """flip > 0 on a cache extracted without --flip."""
+
+
+def flipped_training_rows(cache, flip: float, train_rows: np.ndarray) -> np.ndarray | None:
+    """The rows whose flipped maps a run with `flip` holds: its training rows (None at flip = 0,
+    where nothing flipped is read); refused before any work when the cache has none."""
+    if flip <= 0:
+        return None
+    if not cache.has_flipped:
+        raise NoFlippedMapsError(f"{cache.path}: flip={flip:g} needs the maps of the flipped images, which this cache "
+                                 "does not hold; extract it again with `msdn extract --flip` (or --set flip=0)")
+    return np.unique(train_rows)
+
+
+def flipped_positions(store, cache_rows: np.ndarray) -> torch.Tensor:
+    """Positions of the flipped maps of `cache_rows`: they follow the store's `rows`."""
+    held = SimpleNamespace(rows=store.flipped_rows, index_device=store.index_device)
+    return held_positions(held, cache_rows) + len(store.rows)
+
+
+class FlippedDraw:
+    """`positions[picked]` (as a tensor of positions), each sample swapped for its flipped map's
+    position with probability `p`, drawn per sample from `generator` (seeded from the run's seed)."""
+
+    def __init__(self, positions: torch.Tensor, flipped: torch.Tensor, p: float, generator: torch.Generator):
+        self.positions, self.flipped, self.p, self.generator = positions, flipped, p, generator
+
+    def __getitem__(self, picked: torch.Tensor) -> torch.Tensor:
+        use = torch.rand(len(picked), device=self.positions.device, generator=self.generator) < self.p
+        return torch.where(use, self.flipped[picked], self.positions[picked])
 
 
 def device_holds(nbytes: int, device: torch.device) -> bool:

@@ -94,20 +94,22 @@ def working_bytes(cache, num_attributes: int, batch_size: int) -> int:
 
 
 def memory_plan(cache, rows, device: torch.device, dtype: str, *, max_memory: str | None, batch_size: int,
-                eval_batch_size: int, num_attributes: int) -> dict:
+                eval_batch_size: int, num_attributes: int, flipped_rows=None) -> dict:
     """Which store the run uses and why (see the module docstring), decided before anything is
     written. A --max-memory above this machine's memory is capped at it; one below what even
     streaming needs is refused (ConfigError) with that minimum. MSDN_FEATURE_STORE=resident|streaming
-    picks the store whatever the limit (tests and benchmarks on caches too small to stream otherwise)."""
+    picks the store whatever the limit (tests and benchmarks on caches too small to stream otherwise).
+    `flipped_rows` (training with flip > 0): their flipped maps are held too, and counted."""
     import numpy as np
     limit = parse_max_memory(max_memory)
-    n = len(np.unique(rows))
+    flipped = 0 if flipped_rows is None else len(np.unique(flipped_rows))
+    n = len(np.unique(rows)) + flipped
     per_image = math.prod(cache.feature_shape) * DTYPES[dtype].itemsize
     bank = n * per_image
     runtime = process_rss()
     working = working_bytes(cache, num_attributes, batch_size)
     source = "--max-memory" if limit is not None else f"{AVAILABLE_SHARE:.0%} of available memory"
-    plan = {}
+    plan = {"flipped_rows": flipped} if flipped else {}
     if limit is not None and limit > machine_memory():
         plan["capped"] = f"--max-memory {max_memory} is more than this machine's {_gb(machine_memory())}: capped at that"
         limit = machine_memory()
@@ -135,16 +137,20 @@ def memory_plan(cache, rows, device: torch.device, dtype: str, *, max_memory: st
     return plan
 
 
-def open_store(cache, rows, device: torch.device, dtype: str, plan: dict, *, batch_size: int, eval_batch_size: int):
-    """The store `plan` chose over `rows` (a CacheError for rows holding NaN or inf)."""
+def open_store(cache, rows, device: torch.device, dtype: str, plan: dict, *, batch_size: int, eval_batch_size: int,
+               flipped_rows=None):
+    """The store `plan` chose over `rows`, and the flipped maps of `flipped_rows` (a CacheError for
+    rows holding NaN or inf)."""
     if plan["mode"] == "resident":
-        return ResidentFeatures(cache, rows, device, dtype, max_batch=max(batch_size, eval_batch_size))
-    return StreamingFeatures(cache, rows, device, dtype)
+        return ResidentFeatures(cache, rows, device, dtype, max_batch=max(batch_size, eval_batch_size),
+                                flipped_rows=flipped_rows)
+    return StreamingFeatures(cache, rows, device, dtype, flipped_rows=flipped_rows)
 
 
 def describe_plan(plan: dict) -> str:
     """One line for the log."""
-    text = (f"features: {plan['mode']} (bank {_gb(plan['bank_bytes'])}, runtime {_gb(plan['runtime_bytes'])}, "
+    flips = f" with {plan['flipped_rows']} training rows' flipped maps" if "flipped_rows" in plan else ""
+    text = (f"features: {plan['mode']} (bank {_gb(plan['bank_bytes'])}{flips}, runtime {_gb(plan['runtime_bytes'])}, "
             f"working set ~{_gb(plan['working_bytes'])}, limit {_gb(plan['limit_bytes'])} from "
             f"{plan['limit_from']}: {plan['reason']})")
     return (text + (f"; {plan['capped']}" if "capped" in plan else "")

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from heads.regions import Regions, normalise_into
-from pipeline.features import DTYPES, held_positions
+from pipeline.features import DTYPES, flipped_positions, held_positions
 
 READ_AHEAD = 2  # batches prepared ahead of the one being computed
 _DONE = object()
@@ -29,9 +29,12 @@ class StreamingFeatures:
     resident = False
 
     def __init__(self, cache, rows: np.ndarray, device: torch.device, dtype: str = "float16",
-                 read_ahead: int = READ_AHEAD):
+                 read_ahead: int = READ_AHEAD, flipped_rows: np.ndarray | None = None):
         self.cache = cache
         self.rows = np.unique(rows)
+        # positions from len(rows) on are the flipped maps of these (training) rows (flip > 0)
+        self.flipped_rows = np.unique(flipped_rows) if flipped_rows is not None else np.empty(0, np.int64)
+        self._all_rows = np.concatenate([self.rows, self.flipped_rows])
         self.device = torch.device(device)
         self.index_device = self.device  # the sampler draws where the resident run draws: same batches
         self.dtype = DTYPES[dtype]
@@ -54,6 +57,9 @@ class StreamingFeatures:
     def positions(self, cache_rows: np.ndarray) -> torch.Tensor:
         """Positions in this store of cache rows (all must be held)."""
         return held_positions(self, cache_rows)
+
+    def flipped_positions(self, cache_rows: np.ndarray) -> torch.Tensor:
+        return flipped_positions(self, cache_rows)
 
     # ------------------------------------------------------------------ the two kinds of batches
     def training_batches(self, positions: torch.Tensor, sampler, steps: int, batch_size: int):
@@ -80,14 +86,20 @@ class StreamingFeatures:
         return ring
 
     def _read(self, kind: str, positions: np.ndarray, out: torch.Tensor) -> None:
-        """out[k] = normalised regions of self.rows[positions[k]], read in the file's order."""
-        rows = self.rows[positions]
-        order = np.argsort(rows, kind="stable")
+        """out[k] = normalised regions of the map at positions[k], read in the file's order (the
+        originals first, then the flipped maps)."""
+        rows, flipped = self._all_rows[positions], positions >= len(self.rows)
+        order = np.lexsort((rows, flipped))  # stable: without flipped maps, argsort(rows, kind="stable")
         shape = (len(rows), *self.cache.feature_shape)
         buffer = self._read_buffers.get(kind)
         if buffer is None or buffer.numel() < math.prod(shape):
             buffer = self._read_buffers[kind] = torch.empty(math.prod(shape), dtype=self.cache.stored_dtype)
-        maps = self.cache.features(rows=rows[order], out=buffer[:math.prod(shape)].view(shape))
+        maps = buffer[:math.prod(shape)].view(shape)
+        originals = int((~flipped).sum())
+        if originals:
+            self.cache.features(rows=rows[order[:originals]], out=maps[:originals])
+        if originals < len(rows):
+            self.cache.features(rows=rows[order[originals:]], out=maps[originals:], flipped=True)
         normalise_into(out, maps, order=np.argsort(order))  # back to the sampler's order
 
     def _stream(self, kind: str, produce, batch_size: int, ahead: int):

@@ -29,7 +29,7 @@ from heads.runtime import keep_freed_memory
 from pipeline.checkpoint import cache_identity, save_checkpoint
 from pipeline.config import TrainConfig
 from pipeline.engine import DivergedError, build_model, deterministic_mode, evaluate_task, fit
-from pipeline.features import bank_dtype
+from pipeline.features import bank_dtype, flipped_training_rows
 from pipeline.memory import describe_plan, memory_plan, open_store
 from pipeline.metrics import scores_of
 from pipeline.precision import choose_amp
@@ -69,9 +69,10 @@ def train(config: TrainConfig, cache_path: str | Path, out_dir: str | Path, *, d
         val = (validation_split(labels, splits, config, cache_path, hint=" (or train with --set selection=fixed)")
                if config.selection == "val" else None)
         identity = cache_identity(cache)
-        plan = feature_plan(cache, test.rows(), device, config, amp, max_memory=max_memory)
+        flipped = flipped_training_rows(cache, config.flip, test.train_rows)  # trainval: holds validation's too
+        plan = feature_plan(cache, test.rows(), device, config, amp, max_memory=max_memory, flipped=flipped)
         run = RunLog(out_dir, overwrite=overwrite)  # after every refusal: --overwrite keeps the old run till then
-        store = open_features(cache, test.rows(), device, config, amp, plan, run)
+        store = open_features(cache, test.rows(), device, config, amp, plan, run, flipped)
         log(describe_plan(plan))
         run.write_config({**config.to_dict(), "run": {
             "cache": str(cache_path), "cache_identity": identity, "device": str(device), "amp": amp,
@@ -122,9 +123,10 @@ def validation_run(config: TrainConfig, cache_path: str | Path, out_dir: str | P
         labels = np.asarray(cache.labels)
         splits, _ = usable_splits(cache)
         val = validation_split(labels, splits, config, cache_path)
-        plan = feature_plan(cache, val.rows(), device, config, amp, max_memory=max_memory)
+        flipped = flipped_training_rows(cache, config.flip, val.train_rows)
+        plan = feature_plan(cache, val.rows(), device, config, amp, max_memory=max_memory, flipped=flipped)
         run = RunLog(out_dir, overwrite=True)
-        store = open_features(cache, val.rows(), device, config, amp, plan, run)
+        store = open_features(cache, val.rows(), device, config, amp, plan, run, flipped)
         run.write_config({**config.to_dict(), "run": {"cache": str(cache_path), "device": str(device), "amp": amp,
                                                       "features": plan, "tasks": [val.describe()]}})
         try:
@@ -145,19 +147,20 @@ def validation_split(labels: np.ndarray, splits: dict, config: TrainConfig, cach
 
 
 def feature_plan(cache, rows: np.ndarray, device, config: TrainConfig, amp: str | None, *,
-                 max_memory: str | None) -> dict:
-    """Resident bank or streaming for these rows at the config's feature dtype and batch sizes."""
+                 max_memory: str | None, flipped: np.ndarray | None = None) -> dict:
+    """Resident bank or streaming for these rows (and `flipped`'s flipped maps) at the config's dtype and batches."""
     return memory_plan(cache, rows, device, bank_dtype(config.feature_dtype, amp), max_memory=max_memory,
                        batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
-                       num_attributes=int(cache.att.shape[1]))
+                       num_attributes=int(cache.att.shape[1]), flipped_rows=flipped)
 
 
-def open_features(cache, rows: np.ndarray, device, config: TrainConfig, amp: str | None, plan: dict, run: RunLog):
+def open_features(cache, rows: np.ndarray, device, config: TrainConfig, amp: str | None, plan: dict, run: RunLog,
+                  flipped: np.ndarray | None = None):
     """The feature store of `plan`; NaN/inf rows are refused before training and recorded in the
     run's metrics.jsonl as a failed run."""
     try:
         return open_store(cache, rows, device, bank_dtype(config.feature_dtype, amp), plan,
-                          batch_size=config.batch_size, eval_batch_size=config.eval_batch_size)
+                          batch_size=config.batch_size, eval_batch_size=config.eval_batch_size, flipped_rows=flipped)
     except CacheError as err:
         run.log({"phase": "failed", "error": str(err)})
         raise

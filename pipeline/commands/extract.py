@@ -50,6 +50,7 @@ class ExtractOptions:
     overwrite: bool = False
     progress: bool = True
     offline: bool = False               # no weight download (sets HF_HUB_OFFLINE for this process)
+    flip: bool = False                  # also store the horizontally flipped images' maps
     dataset_options: dict = field(default_factory=dict)  # adapter options, e.g. the demo's images_per_class
 
 
@@ -94,7 +95,7 @@ def run_extract(options: ExtractOptions, log=None) -> Path:
     return extract_features(dataset, spec, out, batch_size=options.batch_size, device=options.device,
                             dtype=options.dtype, compression=options.compression, resume=options.resume,
                             skip_bad=options.skip_bad, overwrite=options.overwrite,
-                            num_workers=options.workers, progress=options.progress, log=log)
+                            num_workers=options.workers, progress=options.progress, flip=options.flip, log=log)
 
 
 # Files a finished staging folder may still hold from an earlier, different attempt.
@@ -128,12 +129,16 @@ def run_extract_scaled(options: ExtractOptions, *, cache_dir: str | None = None,
     dataset, spec, out = build_inputs(options)
     store = Store(store_root(cache_dir)) if uses_store(options, cache_dir) else None
     engine = dict(batch_size=options.batch_size, dtype=options.dtype, compression=options.compression,
-                  skip_bad=options.skip_bad, num_workers=options.workers, progress=options.progress)
+                  skip_bad=options.skip_bad, num_workers=options.workers, progress=options.progress,
+                  flip=options.flip)
     if torchrun_world() <= 1:
         if store is None:
             return extract_features(dataset, spec, out, device=options.device, resume=options.resume,
                                     overwrite=options.overwrite, log=log, **engine)
         return _into_store(store, dataset, spec, options, engine, log)
+    if options.flip:  # the shard join (cache/shards.py) carries feature_map only: never drop the flips
+        raise ExtractError(f"{out if store is None else store.root}: --flip is not supported under torchrun yet "
+                           "(shards are joined without flipped maps); extract with --flip in one process")
     env = dist_env(options.device)
     with process_group(env), contextlib.ExitStack() as held:
         decision, failure = None, None
@@ -182,7 +187,8 @@ def _into_store(store: Store, dataset, spec, options: ExtractOptions, engine: di
 
 
 def _expected_key(dataset, spec, options: ExtractOptions) -> str:
-    return build_manifest(dataset, spec, dtype=options.dtype, compression=options.compression)["content_key"]
+    return build_manifest(dataset, spec, dtype=options.dtype, compression=options.compression,
+                          flipped=options.flip)["content_key"]
 
 
 def _store_decision(store: Store, key: str, held: contextlib.ExitStack, log):

@@ -63,9 +63,9 @@ def rows_read(monkeypatch):
     seen: list[np.ndarray] = []
     real = FeatureCache._read_rows
 
-    def recording(self, rows, into):
+    def recording(self, rows, into, *key):
         seen.append(np.asarray(rows).copy())
-        return real(self, rows, into)
+        return real(self, rows, into, *key)
 
     monkeypatch.setattr(FeatureCache, "_read_rows", recording)
     return lambda: np.unique(np.concatenate(seen)) if seen else np.array([], dtype=np.int64)
