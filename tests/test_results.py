@@ -58,3 +58,15 @@ def test_the_tuned_recipe_is_what_the_study_chose_on_validation():
     assert shipped["head"]["causal_level"] == "attribute"
     chosen["head"].update(lambda_causal=0.3, causal_level="attribute")
     assert shipped == chosen
+
+
+def test_the_lite2_recipe_is_what_its_study_chose_on_validation():
+    """pipeline/recipes/CUB100_lite2.toml is results/tune/cub100_lite2_448/best.toml, value for value,
+    except its name and precision; the study's lambda_causal = 0 is kept (not measured on Lite2)."""
+    from pipeline.config import TrainConfig, load_recipe, tomllib  # tomli on Python 3.10
+
+    best = tomllib.loads((ROOT / "results/tune/cub100_lite2_448/best.toml").read_text())
+    chosen, shipped = TrainConfig.from_dict(best, where="best.toml").to_dict(), load_recipe("CUB100_lite2").to_dict()
+    for settings in (chosen, shipped):
+        del settings["recipe"], settings["amp"]
+    assert shipped == chosen and shipped["head"]["lambda_causal"] == 0.0
