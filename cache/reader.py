@@ -214,7 +214,10 @@ class FeatureCache:
         return out
 
     def _read_rows(self, rows: np.ndarray, into: np.ndarray, key: str = L.FEATURES) -> None:
-        """into[k] = <key>[rows[k]], contiguous runs in one call each; errors name the row."""
+        """into[k] = <key>[rows[k]], contiguous runs in one call each; errors name the row. No rows:
+        nothing to read (h5py cannot make an empty read)."""
+        if not rows.size:
+            return
         ds = self.file[key]
         breaks = np.flatnonzero(np.diff(rows) != 1) + 1
         for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, rows.size]):

@@ -12,7 +12,6 @@ buffers and copied asynchronously, overlapping the copy of batch t+1 with the co
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -112,11 +111,8 @@ class _CacheRows:
         if self._buffer.numel() < math.prod(shape):
             self._buffer = torch.empty(math.prod(shape), dtype=self.cache.stored_dtype)
         block = self._buffer[:math.prod(shape)].view(shape)
-        originals = int((np.arange(len(self.rows))[index] < self.flipped_from).sum())  # a slice: then flips
-        if originals:  # (an empty read is not one h5py can do)
-            self.cache.features(rows=rows[:originals], out=block[:originals])
-        if originals < len(rows):
-            self.cache.features(rows=rows[originals:], out=block[originals:], flipped=True)
+        start, stop, _ = index.indices(len(self.rows))
+        read_maps(self.cache, rows, max(0, min(stop, self.flipped_from) - start), block)
         flat = block.flatten(1)
         if not bool(torch.isfinite(flat.sum(1, dtype=torch.float32)).all()):
             self.inf_rows.update(rows[torch.isinf(flat).any(1).numpy()].tolist())
@@ -208,11 +204,23 @@ class ResidentFeatures:
             yield self.gather(positions[start:start + batch_size])
 
 
+def read_maps(cache, rows: np.ndarray, originals: int, out: torch.Tensor) -> None:
+    """out[:originals] = the maps of rows[:originals]; out[originals:] = the flipped images' maps
+    of the rest (a store's positions hold the originals first, then the flipped maps)."""
+    cache.features(rows=rows[:originals], out=out[:originals])
+    if originals < len(rows):  # a cache without flipped maps is never asked for them
+        cache.features(rows=rows[originals:], out=out[originals:], flipped=True)
+
+
 def held_positions(store, cache_rows: np.ndarray) -> torch.Tensor:
     """Positions of `cache_rows` in a store's sorted `rows`, on its `index_device`; a row the store
     does not hold is a KeyError (a bug: every store is built over the rows its run uses)."""
-    pos = np.searchsorted(store.rows, cache_rows)
-    if len(cache_rows) and (pos.max() >= len(store.rows) or not np.array_equal(store.rows[pos], cache_rows)):
+    return _positions_in(store, store.rows, cache_rows)
+
+
+def _positions_in(store, held: np.ndarray, cache_rows: np.ndarray) -> torch.Tensor:
+    pos = np.searchsorted(held, cache_rows)
+    if len(cache_rows) and (pos.max() >= len(held) or not np.array_equal(held[pos], cache_rows)):
         raise KeyError(f"{type(store).__name__}.positions: some rows are not held")
     return torch.as_tensor(pos, dtype=torch.long, device=store.index_device)
 
@@ -234,8 +242,7 @@ def flipped_training_rows(cache, flip: float, train_rows: np.ndarray) -> np.ndar
 
 def flipped_positions(store, cache_rows: np.ndarray) -> torch.Tensor:
     """Positions of the flipped maps of `cache_rows`: they follow the store's `rows`."""
-    held = SimpleNamespace(rows=store.flipped_rows, index_device=store.index_device)
-    return held_positions(held, cache_rows) + len(store.rows)
+    return _positions_in(store, store.flipped_rows, cache_rows) + len(store.rows)
 
 
 class FlippedDraw:

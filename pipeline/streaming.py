@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from heads.regions import Regions, normalise_into
-from pipeline.features import DTYPES, flipped_positions, held_positions
+from pipeline.features import DTYPES, flipped_positions, held_positions, read_maps
 
 READ_AHEAD = 2  # batches prepared ahead of the one being computed
 _DONE = object()
@@ -95,11 +95,7 @@ class StreamingFeatures:
         if buffer is None or buffer.numel() < math.prod(shape):
             buffer = self._read_buffers[kind] = torch.empty(math.prod(shape), dtype=self.cache.stored_dtype)
         maps = buffer[:math.prod(shape)].view(shape)
-        originals = int((~flipped).sum())
-        if originals:
-            self.cache.features(rows=rows[order[:originals]], out=maps[:originals])
-        if originals < len(rows):
-            self.cache.features(rows=rows[order[originals:]], out=maps[originals:], flipped=True)
+        read_maps(self.cache, rows[order], int((~flipped).sum()), maps)
         normalise_into(out, maps, order=np.argsort(order))  # back to the sampler's order
 
     def _stream(self, kind: str, produce, batch_size: int, ahead: int):

@@ -83,6 +83,8 @@ def test_reads_a_transzero_file_as_is(transzero_file, arrays):
         assert torch.equal(half, torch.from_numpy(arrays["features"][[7, 2, 3]]).half())
         assert torch.equal(cache.lazy()[4], torch.from_numpy(arrays["features"][4]))
         assert torch.equal(cache.lazy()[[5, 1]], torch.from_numpy(arrays["features"][[5, 1]]))
+        empty = torch.empty((0, C, H, W), dtype=cache.stored_dtype)  # e.g. an all-flipped bank chunk's originals
+        assert cache.features(rows=[], out=empty) is empty and cache.features(rows=[]).shape == (0, C, H, W)
 
 
 @pytest.mark.parametrize("compression,dtype", [("lzf", "float16"), ("gzip", "float32"), ("none", "float16")])
